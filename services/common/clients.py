@@ -1,0 +1,35 @@
+"""How one Parley service calls another: channels and internal credentials."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.interceptors import WORKSPACE_HEADER
+
+# Keep channels alive across idle periods and fail fast when a peer is down.
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def internal_metadata(token: str, workspace_id: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata for a service-to-service call, in one workspace or (None) across all of them."""
+    md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
+    if workspace_id:
+        md += ((WORKSPACE_HEADER, workspace_id),)
+    return md
+
+
+def key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """Metadata for a call made with a workspace API key."""
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+def channel(addr: str) -> grpc.aio.Channel:
+    """An insecure channel to a peer on the private network."""
+    return grpc.aio.insecure_channel(addr, options=_CHANNEL_OPTIONS)

@@ -1,0 +1,79 @@
+"""asyncpg pools and per-service SQL migrations applied under an advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb columns read and write Python objects.
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections map json/jsonb to Python objects."""
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+    assert pool is not None
+    return pool
+
+
+def _lock_key(schema: str) -> int:
+    # Stable 63-bit key per schema, so services migrate in parallel but replicas of one wait.
+    return int.from_bytes(hashlib.sha256(f"parley-migrate:{schema}".encode()).digest()[:8], "big") >> 1
+
+
+async def apply_migrations(pool: asyncpg.Pool, schema: str, directory: Path) -> list[str]:
+    """Apply ``directory``'s ``NNNN_name.sql`` files not yet recorded in ``<schema>.schema_migrations``.
+
+    Safe with concurrent starters: one holds the advisory lock while the others wait, then
+    find nothing left to do. Each file runs in its own transaction with ``search_path``
+    set to the schema. Returns the names applied now.
+    """
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    files = sorted(p for p in Path(directory).glob("*.sql") if _MIGRATION_NAME.match(p.name))
+    applied_now: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(schema))
+        try:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            await conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                        version text PRIMARY KEY,
+                        checksum text NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            rows = await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
+            done = {r["version"]: r["checksum"] for r in rows}
+            for path in files:
+                sql = path.read_text()
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if path.name in done:
+                    if done[path.name] != checksum:
+                        log.warning("migration_changed_after_apply", schema=schema, migration=path.name)
+                    continue
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL search_path TO {schema}, public")
+                    await conn.execute(sql)
+                    await conn.execute(
+                        f"INSERT INTO {schema}.schema_migrations (version, checksum) VALUES ($1, $2)",
+                        path.name,
+                        checksum,
+                    )
+                applied_now.append(path.name)
+                log.info("migration_applied", schema=schema, migration=path.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(schema))
+    return applied_now

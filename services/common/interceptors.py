@@ -1,0 +1,143 @@
+"""One server interceptor: request id, authentication, an access-log line, errors mapped to status."""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from services.common import context
+from services.common.context import Workspace
+from services.common.errors import ParleyError, Unauthenticated, to_status
+from services.common.tenancy import KeyVerifier
+
+log = structlog.get_logger("parley.access")
+
+# Methods anyone may call: probes and tooling.
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+WORKSPACE_HEADER = "x-parley-workspace"
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _bearer(metadata: dict[str, str]) -> str:
+    value = metadata.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return token.strip()
+
+
+async def authenticate(verifier: KeyVerifier, token: str, workspace_id: str | None) -> tuple[Workspace | None, bool]:
+    """(workspace, internal) for a bearer token; UNAUTHENTICATED when it is no valid key."""
+    if not token:
+        raise Unauthenticated("missing 'authorization: Bearer <API key>' metadata")
+    if verifier.is_internal(token):
+        workspace = await verifier.workspace_by_id(workspace_id) if workspace_id else None
+        return workspace, True
+    return await verifier.verify(token), False
+
+
+class ChassisInterceptor(grpc.aio.ServerInterceptor):
+    """Binds request id and workspace for the call, logs it once, and maps exceptions to status."""
+
+    def __init__(self, verifier: KeyVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_OPEN_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, method: str, ctx: grpc.aio.ServicerContext) -> str:
+        metadata = {k: v for k, v in (ctx.invocation_metadata() or ()) if isinstance(v, str)}
+        rid = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        context.bind(None, request=rid)
+        structlog.contextvars.bind_contextvars(request_id=rid, method=method)
+        ctx.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        workspace, internal = await authenticate(self._verifier, _bearer(metadata), metadata.get(WORKSPACE_HEADER))
+        context.bind(workspace, internal=internal, request=rid)
+        if workspace is not None:
+            structlog.contextvars.bind_contextvars(workspace_id=workspace.id)
+        return rid
+
+    async def _fail(self, ctx: grpc.aio.ServicerContext, exc: BaseException, rid: str, started: float) -> None:
+        if not isinstance(exc, ParleyError):
+            log.exception("unhandled_error", error_type=type(exc).__name__)
+        status = to_status(exc)
+        self._access(status.code, started)
+        await ctx.abort(status.code, status.details, trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
+
+    def _access(self, code: grpc.StatusCode, started: float) -> None:
+        log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            rid = ""
+            with structlog.contextvars.bound_contextvars():
+                try:
+                    rid = await self._enter(method, ctx)
+                    response = await behavior(request, ctx)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                    await self._fail(ctx, exc, rid, started)
+                    return None
+                self._access(grpc.StatusCode.OK, started)
+                return response
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def gen_wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                rid = ""
+                with structlog.contextvars.bound_contextvars():
+                    try:
+                        rid = await self._enter(method, ctx)
+                        async for item in behavior(request, ctx):
+                            yield item
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                        await self._fail(ctx, exc, rid, started)
+                        return
+                    self._access(grpc.StatusCode.OK, started)
+
+            return gen_wrapper
+        return self._wrap_unary(method, behavior)
