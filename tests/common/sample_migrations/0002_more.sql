@@ -1,0 +1,2 @@
+ALTER TABLE things ADD COLUMN name text NOT NULL DEFAULT '';
+CREATE INDEX things_name ON things (workspace_id, name);

@@ -1,0 +1,57 @@
+"""SIGTERM lets an in-flight call finish before the process exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import grpc
+
+from services.common.clients import key_metadata
+from services.common.settings import PROJECT_ROOT
+from tests.common.probe_service import METHOD
+
+
+async def _listening_port(proc: asyncio.subprocess.Process) -> int:
+    assert proc.stderr is not None
+    while True:
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
+        if not line:
+            raise AssertionError("service exited before listening")
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("event") == "listening":
+            return int(entry["port"])
+
+
+async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace) -> None:  # noqa: ANN001
+    _, key = await make_workspace(db_url)
+    env = {
+        **os.environ,
+        "PARLEY_DATABASE_URL": db_url,
+        "PARLEY_HOST": "127.0.0.1",
+        "PARLEY_LOG_FORMAT": "json",
+        "PARLEY_GRACE_SECONDS": "10",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.common.probe_service",
+        cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        port = await _listening_port(proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            in_flight = asyncio.ensure_future(ch.unary_unary(METHOD)(b"sleep:1.5", metadata=key_metadata(key)))
+            await asyncio.sleep(0.5)  # the call is running in the server now
+            proc.send_signal(signal.SIGTERM)
+            reply = await asyncio.wait_for(in_flight, timeout=20)
+        assert reply.endswith(b"|key")
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
