@@ -28,7 +28,9 @@ def main() -> int:
         if proc.returncode != 0:
             failed += 1
             tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            sections.append(f"## {script.stem}\n\nFAILED (exit {proc.returncode}) after {took:.0f}s:\n\n```\n{tail}\n```\n")
+            sections.append(
+                f"## {script.stem}\n\nFAILED (exit {proc.returncode}) after {took:.0f}s:\n\n```\n{tail}\n```\n"
+            )
         else:
             sections.append(proc.stdout.strip() + f"\n\n_{script.name} ran in {took:.0f}s._\n")
         print(f"bench: {script.name} done in {took:.0f}s (exit {proc.returncode})", flush=True)

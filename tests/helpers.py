@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from services.common.context import Workspace
 from services.common.settings import Settings
 
 
@@ -27,3 +29,7 @@ def test_settings(db_url: str, **overrides: Any) -> Settings:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
+
+
+# The `make_workspace` fixture's type: `ws, api_key = await make_workspace(db_url, name=None)`.
+MakeWorkspace = Callable[..., Awaitable[tuple[Workspace, str]]]

@@ -34,6 +34,12 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(hashlib.sha256(f"parley-migrate:{schema}".encode()).digest()[:8], "big") >> 1
 
 
+def _read_migrations(directory: Path) -> list[tuple[str, str]]:
+    """(file name, SQL) of the numbered migrations in ``directory``, in order; a few small files."""
+    paths = sorted(p for p in Path(directory).glob("*.sql") if _MIGRATION_NAME.match(p.name))
+    return [(p.name, p.read_text()) for p in paths]
+
+
 async def apply_migrations(pool: asyncpg.Pool, schema: str, directory: Path) -> list[str]:
     """Apply ``directory``'s ``NNNN_name.sql`` files not yet recorded in ``<schema>.schema_migrations``.
 
@@ -43,7 +49,7 @@ async def apply_migrations(pool: asyncpg.Pool, schema: str, directory: Path) -> 
     """
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"bad schema name {schema!r}")
-    files = sorted(p for p in Path(directory).glob("*.sql") if _MIGRATION_NAME.match(p.name))
+    files = _read_migrations(directory)
     applied_now: list[str] = []
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(schema))
@@ -57,23 +63,22 @@ async def apply_migrations(pool: asyncpg.Pool, schema: str, directory: Path) -> 
             )
             rows = await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
             done = {r["version"]: r["checksum"] for r in rows}
-            for path in files:
-                sql = path.read_text()
+            for name, sql in files:
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
-                if path.name in done:
-                    if done[path.name] != checksum:
-                        log.warning("migration_changed_after_apply", schema=schema, migration=path.name)
+                if name in done:
+                    if done[name] != checksum:
+                        log.warning("migration_changed_after_apply", schema=schema, migration=name)
                     continue
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL search_path TO {schema}, public")
                     await conn.execute(sql)
                     await conn.execute(
                         f"INSERT INTO {schema}.schema_migrations (version, checksum) VALUES ($1, $2)",
-                        path.name,
+                        name,
                         checksum,
                     )
-                applied_now.append(path.name)
-                log.info("migration_applied", schema=schema, migration=path.name)
+                applied_now.append(name)
+                log.info("migration_applied", schema=schema, migration=name)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(schema))
     return applied_now

@@ -72,7 +72,7 @@ def _ensure_database(admin_url: str, name: str) -> None:
     def runner() -> None:
         try:
             asyncio.run(create())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             error.append(exc)
 
     thread = threading.Thread(target=runner)

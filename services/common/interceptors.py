@@ -98,7 +98,9 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
             log.exception("unhandled_error", error_type=type(exc).__name__)
         status = to_status(exc)
         self._access(status.code, started)
-        await ctx.abort(status.code, status.details, trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
+        await ctx.abort(
+            status.code, status.details, trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, rid))
+        )
 
     def _access(self, code: grpc.StatusCode, started: float) -> None:
         log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -113,7 +115,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                     response = await behavior(request, ctx)
                 except grpc.aio.AbortError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                except Exception as exc:
                     await self._fail(ctx, exc, rid, started)
                     return None
                 self._access(grpc.StatusCode.OK, started)
@@ -134,7 +136,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                             yield item
                     except grpc.aio.AbortError:
                         raise
-                    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                    except Exception as exc:
                         await self._fail(ctx, exc, rid, started)
                         return
                     self._access(grpc.StatusCode.OK, started)

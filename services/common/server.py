@@ -92,7 +92,7 @@ class RunningServer:
         for stopper in reversed(self.runtime._stoppers):
             try:
                 await stopper()
-            except Exception:  # noqa: BLE001 - keep shutting the rest down
+            except Exception:
                 log.exception("stop_hook_failed")
         for task in self.runtime._tasks:
             task.cancel()

@@ -76,9 +76,7 @@ async def _insert_key(conn: asyncpg.Connection, workspace_id: str, label: str) -
 
 
 async def find_workspace(pool: asyncpg.Pool, name_or_id: str) -> Workspace:
-    row = await pool.fetchrow(
-        "SELECT * FROM tenancy.workspaces WHERE name = $1 OR id::text = $1 LIMIT 1", name_or_id
-    )
+    row = await pool.fetchrow("SELECT * FROM tenancy.workspaces WHERE name = $1 OR id::text = $1 LIMIT 1", name_or_id)
     if row is None:
         raise NotFound(f"workspace {name_or_id!r} not found")
     return _row_to_workspace(row)
@@ -98,12 +96,8 @@ async def create_key(pool: asyncpg.Pool, workspace: str, label: str = "") -> tup
 
 async def list_keys(pool: asyncpg.Pool, workspace: str) -> list[ApiKey]:
     ws = await find_workspace(pool, workspace)
-    rows = await pool.fetch(
-        "SELECT * FROM tenancy.api_keys WHERE workspace_id = $1 ORDER BY create_time", ws.id
-    )
-    return [
-        ApiKey(r["id"], str(r["workspace_id"]), r["label"], r["create_time"], r["revoke_time"]) for r in rows
-    ]
+    rows = await pool.fetch("SELECT * FROM tenancy.api_keys WHERE workspace_id = $1 ORDER BY create_time", ws.id)
+    return [ApiKey(r["id"], str(r["workspace_id"]), r["label"], r["create_time"], r["revoke_time"]) for r in rows]
 
 
 async def revoke_key(pool: asyncpg.Pool, key_id: str) -> None:

@@ -12,7 +12,7 @@ from services.common.clients import internal_metadata, key_metadata
 from services.common.db import create_pool
 from services.common.server import RunningServer, start
 from tests.common.probe_service import METHOD, MODULE
-from tests.helpers import test_settings
+from tests.helpers import MakeWorkspace, test_settings
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +42,27 @@ async def test_wrong_key_and_wrong_scheme_are_unauthenticated(probe_server: Runn
     assert await code_of(probe_server, (("authorization", "Basic abc"),)) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_good_key_reaches_handler_with_its_workspace(probe_server: RunningServer, db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_good_key_reaches_handler_with_its_workspace(
+    probe_server: RunningServer, db_url: str, make_workspace: MakeWorkspace
+) -> None:
     ws, key = await make_workspace(db_url, "auth-good")
     other, other_key = await make_workspace(db_url, "auth-other")
     assert await call(probe_server, b"ok", key_metadata(key)) == f"{ws.id}|key".encode()
     assert await call(probe_server, b"ok", key_metadata(other_key)) == f"{other.id}|key".encode()
 
 
-async def test_a_key_cannot_pick_another_workspace(probe_server: RunningServer, db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_a_key_cannot_pick_another_workspace(
+    probe_server: RunningServer, db_url: str, make_workspace: MakeWorkspace
+) -> None:
     ws, key = await make_workspace(db_url)
     other, _ = await make_workspace(db_url)
     spoof = (*key_metadata(key), ("x-parley-workspace", other.id))
     assert await call(probe_server, b"ok", spoof) == f"{ws.id}|key".encode()
 
 
-async def test_revoked_key_is_unauthenticated(probe_server: RunningServer, db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_revoked_key_is_unauthenticated(
+    probe_server: RunningServer, db_url: str, make_workspace: MakeWorkspace
+) -> None:
     ws, _ = await make_workspace(db_url)
     pool = await create_pool(db_url, max_size=1)
     try:
@@ -68,7 +74,9 @@ async def test_revoked_key_is_unauthenticated(probe_server: RunningServer, db_ur
     assert await code_of(probe_server, key_metadata(key)) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_internal_token_carries_the_callers_workspace(probe_server: RunningServer, db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_internal_token_carries_the_callers_workspace(
+    probe_server: RunningServer, db_url: str, make_workspace: MakeWorkspace
+) -> None:
     ws, _ = await make_workspace(db_url)
     token = probe_server.runtime.internal_token
     assert await call(probe_server, b"ok", internal_metadata(token, ws.id)) == f"{ws.id}|internal".encode()
@@ -78,7 +86,7 @@ async def test_internal_token_carries_the_callers_workspace(probe_server: Runnin
     assert await code_of(probe_server, internal_metadata(token, "not-a-uuid")) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_keys_are_stored_hashed(db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_keys_are_stored_hashed(db_url: str, make_workspace: MakeWorkspace) -> None:
     _, key = await make_workspace(db_url)
     pool = await create_pool(db_url, max_size=1)
     try:

@@ -12,18 +12,20 @@ from services.common.clients import key_metadata
 from services.common.errors import Violation, field_violations
 from services.common.server import RunningServer, start
 from tests.common.probe_service import METHOD, MODULE
-from tests.helpers import test_settings
+from tests.helpers import MakeWorkspace, test_settings
 
 
 @pytest.fixture(scope="module")
-async def server_and_key(db_url: str, make_workspace) -> AsyncIterator[tuple[RunningServer, str]]:  # noqa: ANN001
+async def server_and_key(db_url: str, make_workspace: MakeWorkspace) -> AsyncIterator[tuple[RunningServer, str]]:
     srv = await start(MODULE, test_settings(db_url))
     _, key = await make_workspace(db_url)
     yield srv, key
     await srv.stop(0)
 
 
-async def test_validation_error_is_invalid_argument_with_field_violations(server_and_key) -> None:  # noqa: ANN001
+async def test_validation_error_is_invalid_argument_with_field_violations(
+    server_and_key: tuple[RunningServer, str],
+) -> None:
     srv, key = server_and_key
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -35,7 +37,9 @@ async def test_validation_error_is_invalid_argument_with_field_violations(server
     ]
 
 
-async def test_unexpected_error_is_internal_without_leaking_and_server_survives(server_and_key) -> None:  # noqa: ANN001
+async def test_unexpected_error_is_internal_without_leaking_and_server_survives(
+    server_and_key: tuple[RunningServer, str],
+) -> None:
     srv, key = server_and_key
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as err:
@@ -47,7 +51,7 @@ async def test_unexpected_error_is_internal_without_leaking_and_server_survives(
     assert reply.endswith(b"|key")
 
 
-async def test_request_id_is_echoed_or_made(server_and_key) -> None:  # noqa: ANN001
+async def test_request_id_is_echoed_or_made(server_and_key: tuple[RunningServer, str]) -> None:
     srv, key = server_and_key
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         call = ch.unary_unary(METHOD)(b"ok", metadata=(*key_metadata(key), ("x-request-id", "req-123")))
@@ -62,7 +66,7 @@ async def test_request_id_is_echoed_or_made(server_and_key) -> None:  # noqa: AN
         assert dict(err.value.trailing_metadata())["x-request-id"] == "req-9"
 
 
-async def test_access_log_line_per_call(server_and_key) -> None:  # noqa: ANN001
+async def test_access_log_line_per_call(server_and_key: tuple[RunningServer, str]) -> None:
     srv, key = server_and_key
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         with capture_logs() as logs:

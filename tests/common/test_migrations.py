@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
+
 from services.common.db import apply_migrations, create_pool
 
 SAMPLE = Path(__file__).with_name("sample_migrations")
 
 
-async def _columns(pool) -> list[str]:  # noqa: ANN001
+async def _columns(pool: asyncpg.Pool) -> list[str]:
     rows = await pool.fetch(
         "SELECT column_name FROM information_schema.columns WHERE table_schema='sample' AND table_name='things'"
         " ORDER BY ordinal_position"
@@ -47,14 +49,16 @@ async def test_concurrent_starters_leave_one_consistent_schema(new_database: Cal
             await p.close()
 
 
-async def test_a_failing_migration_leaves_nothing_half_applied(new_database: Callable[[], Awaitable[str]], tmp_path: Path) -> None:
+async def test_a_failing_migration_leaves_nothing_half_applied(
+    new_database: Callable[[], Awaitable[str]], tmp_path: Path
+) -> None:
     (tmp_path / "0001_ok.sql").write_text("CREATE TABLE a (id int PRIMARY KEY);")
     (tmp_path / "0002_bad.sql").write_text("CREATE TABLE b (id int PRIMARY KEY); SELECT no_such_function();")
     pool = await create_pool(await new_database(), max_size=1)
     try:
         try:
             await apply_migrations(pool, "broken", tmp_path)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             assert "no_such_function" in str(exc)
         else:
             raise AssertionError("the bad migration should fail")

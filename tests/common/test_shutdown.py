@@ -13,6 +13,7 @@ import grpc
 from services.common.clients import key_metadata
 from services.common.settings import PROJECT_ROOT
 from tests.common.probe_service import METHOD
+from tests.helpers import MakeWorkspace
 
 
 async def _listening_port(proc: asyncio.subprocess.Process) -> int:
@@ -29,7 +30,7 @@ async def _listening_port(proc: asyncio.subprocess.Process) -> int:
             return int(entry["port"])
 
 
-async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace) -> None:  # noqa: ANN001
+async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace: MakeWorkspace) -> None:
     _, key = await make_workspace(db_url)
     env = {
         **os.environ,
@@ -39,8 +40,13 @@ async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace) -> N
         "PARLEY_GRACE_SECONDS": "10",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.common.probe_service",
-        cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "tests.common.probe_service",
+        cwd=PROJECT_ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     try:
         port = await _listening_port(proc)
