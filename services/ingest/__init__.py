@@ -1,0 +1,1 @@
+"""The ingest service: the public write path for customer events (gRPC and Segment-compatible HTTP)."""

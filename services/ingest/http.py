@@ -1,0 +1,274 @@
+"""Segment-compatible HTTP ingest (aiohttp): same rules and forwarding path as the gRPC API."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldViolation
+
+from services.common import context
+from services.common.context import Workspace
+from services.common.errors import ParleyError, Unauthenticated, Unavailable, Violation
+from services.common.server import Runtime
+from services.common.tenancy import KeyVerifier
+from services.ingest.pipeline import Ingestor, Namer
+from services.ingest.segment import from_regal, from_segment, json_field, parse_time
+
+log = structlog.get_logger(__name__)
+
+_CHUNK = 64 * 1024
+# JSON bodies; text/plain is what browsers' sendBeacon uses to avoid a CORS preflight.
+_CONTENT_TYPES = frozenset({"application/json", "text/plain"})
+_SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
+
+
+class HttpError(Exception):
+    """An HTTP error answer with a JSON body ``{"success": false, "code": ..., "message": ...}``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def response(self) -> web.Response:
+        body = {"success": False, "code": self.code, "message": self.message, **self.extra}
+        return web.json_response(body, status=self.status)
+
+
+def header_key(request: web.Request) -> str | None:
+    """The API key in ``Authorization`` (Basic username or Bearer token); None when no header."""
+    value = request.headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return credentials
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[0]
+    return ""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, gunzipped when sent so; 413 as soon as it (compressed or not) passes ``limit``.
+
+    Decompression is bounded chunk by chunk, so a gzip bomb costs at most ``limit`` bytes.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip"):
+        raise HttpError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; use gzip")
+    too_large = HttpError(
+        413, "payload_too_large", f"request body is over {limit} bytes (max_http_body_bytes)", limit=limit
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding in ("gzip", "x-gzip") else None
+    out = bytearray()
+    received = 0
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        received += len(chunk)
+        if received > limit:
+            raise too_large
+        if inflater is None:
+            out += chunk
+            continue
+        if inflater.eof:
+            continue  # trailing bytes after the gzip member are ignored
+        try:
+            out += inflater.decompress(chunk, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise HttpError(400, "invalid_gzip", "body is not valid gzip") from exc
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise too_large
+    if inflater is not None and not inflater.eof:
+        raise HttpError(400, "invalid_gzip", "gzip body is truncated")
+    return bytes(out)
+
+
+def _namer(prefix: str, rename: Callable[[str], str] = lambda f: f) -> Namer:
+    def name(index: int, event: Event, field: str) -> str:
+        path = rename(json_field(event, field)) if field else ""
+        if prefix == "batch":
+            return f"batch[{index}].{path}" if path else f"batch[{index}]"
+        return path or "body"
+
+    return name
+
+
+def _named(namer: Namer, index: int, violations: list[Violation]) -> list[FieldViolation]:
+    empty = Event()
+    return [FieldViolation(field=namer(index, empty, v.field), description=v.description) for v in violations]
+
+
+class HttpIngest:
+    """Request handlers; every one ends in :meth:`Ingestor.ingest`."""
+
+    def __init__(self, ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) -> None:
+        self._ingestor = ingestor
+        self._verifier = verifier
+        self._max_body = max_body_bytes
+
+    async def _authenticate(self, key: str | None) -> Workspace:
+        if not key:
+            raise HttpError(
+                401, "unauthorized", "missing API key: use it as the Basic username, a Bearer token, or writeKey"
+            )
+        try:
+            return await self._verifier.verify(key)
+        except Unauthenticated as exc:
+            raise HttpError(401, "unauthorized", exc.message) from exc
+
+    async def _payload(self, request: web.Request) -> tuple[Workspace, dict[str, Any]]:
+        key = header_key(request)
+        workspace = await self._authenticate(key) if key is not None else None
+        if request.content_type not in _CONTENT_TYPES:
+            raise HttpError(
+                415, "unsupported_media_type", f"Content-Type {request.content_type!r}; send application/json"
+            )
+        body = await read_body(request, self._max_body)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise HttpError(400, "invalid_json", "body must be a JSON object")
+        if workspace is None:
+            write_key = payload.get("writeKey")
+            workspace = await self._authenticate(write_key if isinstance(write_key, str) else "")
+        context.bind(workspace, request=context.request_id())
+        structlog.contextvars.bind_contextvars(workspace_id=workspace.id)
+        return workspace, payload
+
+    async def _store(
+        self,
+        workspace: Workspace,
+        events: list[Event],
+        namer: Namer,
+        prior: dict[int, list[FieldViolation]],
+    ) -> web.Response:
+        results = await self._ingestor.ingest(events, workspace, namer, prior=prior)
+        return _answer(results)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        workspace, payload = await self._payload(request)
+        items = payload.get("batch")
+        if not isinstance(items, list) or not items:
+            raise HttpError(400, "invalid_batch", "batch must be a non-empty array of messages", field="batch")
+        ctx = payload.get("context") if isinstance(payload.get("context"), dict) else None
+        integrations = payload.get("integrations") if isinstance(payload.get("integrations"), dict) else None
+        sent_at = None
+        raw_sent = payload.get("sentAt")
+        if isinstance(raw_sent, str) and raw_sent:
+            try:
+                sent_at = parse_time(raw_sent)
+            except (ValueError, OverflowError) as exc:
+                raise HttpError(400, "invalid_batch", "sentAt is not an ISO-8601 time", field="sentAt") from exc
+        namer = _namer("batch")
+        events: list[Event] = []
+        prior: dict[int, list[FieldViolation]] = {}
+        for index, item in enumerate(items):
+            event, violations = from_segment(
+                item, batch_context=ctx, batch_integrations=integrations, batch_sent_at=sent_at
+            )
+            events.append(event)
+            if violations:
+                prior[index] = _named(namer, index, violations)
+        return await self._store(workspace, events, namer, prior)
+
+    def single(self, kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            workspace, payload = await self._payload(request)
+            namer = _namer("")
+            event, violations = from_segment(payload, kind=kind)
+            return await self._store(workspace, [event], namer, {0: _named(namer, 0, violations)} if violations else {})
+
+        return handle
+
+    async def regal(self, request: web.Request) -> web.Response:
+        workspace, payload = await self._payload(request)
+        namer = _namer("", lambda f: "name" if f == "event" else f)
+        event, violations = from_regal(payload)
+        return await self._store(workspace, [event], namer, {0: _named(namer, 0, violations)} if violations else {})
+
+
+def _answer(results: list[EventResult]) -> web.Response:
+    errors = [
+        {"index": r.index, "messageId": r.message_id, "field": v.field, "description": v.description}
+        for r in results
+        if r.status == EventStatus.EVENT_STATUS_REJECTED
+        for v in r.violations
+    ]
+    if not errors:
+        return web.json_response({"success": True})
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    for r in results:
+        if r.status == EventStatus.EVENT_STATUS_ACCEPTED:
+            counts["accepted"] += 1
+        elif r.status == EventStatus.EVENT_STATUS_DUPLICATE:
+            counts["duplicate"] += 1
+        else:
+            counts["rejected"] += 1
+    message = f"{counts['rejected']} of {len(results)} events rejected; the others were stored"
+    return HttpError(400, "invalid_events", message, errors=errors, **counts).response()
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    started = time.perf_counter()
+    context.bind(None, request=rid)
+    with structlog.contextvars.bound_contextvars(request_id=rid, path=request.path):
+        try:
+            response = await handler(request)
+        except HttpError as exc:
+            response = exc.response()
+        except Unavailable as exc:
+            response = HttpError(503, "unavailable", exc.message).response()
+        except ParleyError as exc:
+            log.error("http_ingest_failed", error=exc.message)
+            response = HttpError(500, "internal", exc.message).response()
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("http_unhandled_error")
+            response = HttpError(500, "internal", "internal error").response()
+        response.headers["X-Request-Id"] = rid
+        log.info("http", status=response.status, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        return response
+
+
+def build_app(ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) -> web.Application:
+    """The aiohttp application: Segment's ``/v1/*`` endpoints and Regal's ``/events``."""
+    handlers = HttpIngest(ingestor, verifier, max_body_bytes)
+    app = web.Application(middlewares=[_errors])
+    app.router.add_post("/v1/batch", handlers.batch)
+    app.router.add_post("/v1/import", handlers.batch)
+    for kind in _SINGLE_KINDS:
+        app.router.add_post(f"/v1/{kind}", handlers.single(kind))
+    app.router.add_post("/events", handlers.regal)
+    return app
+
+
+async def start(rt: Runtime, ingestor: Ingestor) -> None:
+    """Listen on ``ingest_http_port`` (0: ephemeral); the bound port goes to ``rt.state["http_port"]``."""
+    app = build_app(ingestor, rt.verifier, rt.settings.max_http_body_bytes)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, rt.settings.host, rt.settings.ingest_http_port)
+    await site.start()
+    rt.state["http_port"] = int(runner.addresses[0][1])
+    rt.on_stop(runner.cleanup)

@@ -1,0 +1,46 @@
+"""The ingest service as the chassis runs it: gRPC servicer, identity client, HTTP listener."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
+from parley.ingest.v1 import ingest_service_pb2
+from parley.ingest.v1.ingest_service_pb2_grpc import add_IngestServiceServicer_to_server
+
+from services.common.clients import channel
+from services.common.server import Runtime, ServiceModule
+from services.ingest import http
+from services.ingest.normalize import Limits
+from services.ingest.pipeline import Ingestor
+from services.ingest.servicer import IngestServicer
+
+
+def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
+    identity = channel(rt.settings.identity_addr)
+
+    async def close_identity() -> None:
+        await identity.close()
+
+    rt.on_stop(close_identity)
+    ingestor = Ingestor(
+        IdentityServiceStub(identity), rt.internal_token, Limits(max_event_bytes=rt.settings.max_event_bytes)
+    )
+    rt.state["ingestor"] = ingestor
+    add_IngestServiceServicer_to_server(IngestServicer(ingestor, rt.settings.max_batch_bytes), server)
+    return [ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
+
+
+async def on_start(rt: Runtime) -> None:
+    await http.start(rt, rt.state["ingestor"])
+
+
+MODULE = ServiceModule(
+    name="ingest",
+    migrations=Path(__file__).with_name("migrations"),
+    register=register,
+    on_start=on_start,
+    port_setting="ingest_port",
+)

@@ -1,0 +1,152 @@
+"""The one ingest path behind gRPC and HTTP: normalize, dedupe, forward to identity, report per event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldViolation
+from parley.identity.v1.identity_service_pb2 import RecordEventsRequest
+from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
+
+from services.common.clients import internal_metadata
+from services.common.context import Workspace
+from services.common.errors import ParleyError, Unavailable, Violation
+from services.ingest.normalize import Limits, normalize_event
+
+log = structlog.get_logger(__name__)
+
+# identity's RecordEvents takes at most this many events per call.
+FORWARD_CHUNK = 1000
+# Statuses after which the batch is known not to be committed and a retry can succeed.
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+# (index of the event in the caller's numbering, the event, field relative to it) -> field path.
+Namer = Callable[[int, Event, str], str]
+
+
+def batch_namer(prefix: str) -> Namer:
+    """Names ``<prefix>[i].<field>``, e.g. ``events[3].traits.phone``."""
+
+    def name(index: int, _event: Event, field: str) -> str:
+        return f"{prefix}[{index}].{field}" if field else f"{prefix}[{index}]"
+
+    return name
+
+
+def single_namer(prefix: str) -> Namer:
+    """Names ``<prefix>.<field>`` for single-event calls, e.g. ``event.name``."""
+
+    def name(_index: int, _event: Event, field: str) -> str:
+        return f"{prefix}.{field}" if field else prefix
+
+    return name
+
+
+class IdentityFailed(ParleyError):
+    """identity answered with an error that a retry will not fix; nothing was acked."""
+
+
+class Ingestor:
+    """Turns client events into committed, deduplicated events in identity."""
+
+    def __init__(self, identity: IdentityServiceStub, token: str, limits: Limits, timeout: float = 30.0) -> None:
+        self._identity = identity
+        self._token = token
+        self.limits = limits
+        self._timeout = timeout
+
+    async def ingest(
+        self,
+        events: Sequence[Event],
+        workspace: Workspace,
+        namer: Namer,
+        *,
+        base_index: int = 0,
+        prior: Mapping[int, Sequence[FieldViolation]] | None = None,
+    ) -> list[EventResult]:
+        """One result per event, in order, after every accepted event is committed by identity.
+
+        ``prior`` holds violations found before normalization (e.g. unparseable JSON fields)
+        by position in ``events``, already named. Raises ``Unavailable`` when identity cannot
+        be reached; then nothing of this call's last forward was committed.
+        """
+        received = Timestamp()
+        received.GetCurrentTime()
+        region = workspace.default_region or "US"
+        results: list[EventResult | None] = [None] * len(events)
+        forward: list[Event] = []
+        forward_slots: list[int] = []
+        first_seen: dict[str, int] = {}
+        duplicates: list[tuple[int, int]] = []
+        for slot, event in enumerate(events):
+            violations = normalize_event(event, region, received, self.limits)
+            earlier = prior.get(slot) if prior else None
+            if violations or earlier:
+                index = base_index + slot
+                named = list(earlier or ())
+                named.extend(
+                    FieldViolation(field=namer(index, event, v.field), description=v.description) for v in violations
+                )
+                results[slot] = EventResult(
+                    index=index,
+                    message_id=event.message_id,
+                    status=EventStatus.EVENT_STATUS_REJECTED,
+                    violations=named,
+                )
+                continue
+            position = first_seen.get(event.message_id)
+            if position is not None:
+                duplicates.append((slot, position))
+                continue
+            first_seen[event.message_id] = len(forward)
+            forward.append(event)
+            forward_slots.append(slot)
+
+        committed: list[EventResult] = []
+        for start in range(0, len(forward), FORWARD_CHUNK):
+            committed.extend(await self._record(forward[start : start + FORWARD_CHUNK], workspace))
+        for position, result in enumerate(committed):
+            slot = forward_slots[position]
+            result.index = base_index + slot
+            results[slot] = result
+        for slot, position in duplicates:
+            results[slot] = EventResult(
+                index=base_index + slot,
+                message_id=events[slot].message_id,
+                status=EventStatus.EVENT_STATUS_DUPLICATE,
+                contact_id=committed[position].contact_id,
+            )
+        return [r for r in results if r is not None]
+
+    async def _record(self, events: list[Event], workspace: Workspace) -> list[EventResult]:
+        try:
+            response = await self._identity.RecordEvents(
+                RecordEventsRequest(events=events),
+                metadata=internal_metadata(self._token, workspace.id),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _RETRYABLE:
+                log.warning("identity_unavailable", code=err.code().name, events=len(events))
+                raise Unavailable("identity is unavailable; the events were not stored, retry") from err
+            log.error("identity_failed", code=err.code().name, detail=err.details(), events=len(events))
+            raise IdentityFailed(f"events could not be stored ({err.code().name})") from err
+        if len(response.results) != len(events):
+            raise IdentityFailed("identity answered with a result count that does not match")
+        return list(response.results)
+
+
+def violations_of_result(result: EventResult) -> list[Violation]:
+    """A rejected result's violations as chassis ``Violation``s (for ``InvalidArgument``)."""
+    return [Violation(v.field, v.description) for v in result.violations]

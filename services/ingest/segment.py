@@ -1,0 +1,183 @@
+"""Segment HTTP Tracking API messages, and Regal's event shape, read leniently into Parley events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.common.v1.event_pb2 import Event, EventType
+
+from services.common.errors import Violation
+
+TYPES: Mapping[str, EventType.ValueType] = {
+    "track": EventType.EVENT_TYPE_TRACK,
+    "page": EventType.EVENT_TYPE_PAGE,
+    "screen": EventType.EVENT_TYPE_SCREEN,
+    "identify": EventType.EVENT_TYPE_IDENTIFY,
+    "alias": EventType.EVENT_TYPE_ALIAS,
+    "group": EventType.EVENT_TYPE_GROUP,
+}
+
+# Event fields as a Segment client spells them, so violations the shared rules find name
+# the field the client actually sent.
+_JSON_NAMES = {
+    "user_id": "userId",
+    "anonymous_id": "anonymousId",
+    "message_id": "messageId",
+    "original_timestamp": "timestamp",
+    "sent_at": "sentAt",
+    "previous_id": "previousId",
+    "group_id": "groupId",
+}
+
+
+def json_field(event: Event, field: str) -> str:
+    """The Segment name of an event field path (``user_id`` -> ``userId``; a track's name is ``event``)."""
+    if field == "name" and event.type == EventType.EVENT_TYPE_TRACK:
+        return "event"
+    head, dot, rest = field.partition(".")
+    return _JSON_NAMES.get(head, head) + dot + rest
+
+
+def parse_time(value: str) -> Timestamp:
+    """An ISO-8601 time (``Z`` or an offset; seconds, milliseconds or microseconds); naive means UTC."""
+    text = value.strip()
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    out = Timestamp()
+    out.FromDatetime(dt)
+    return out
+
+
+class _Reader:
+    """Collects violations while reading one message."""
+
+    def __init__(self, item: Mapping[str, Any]) -> None:
+        self.item = item
+        self.violations: list[Violation] = []
+
+    def text(self, key: str) -> str:
+        value = self.item.get(key)
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            # SDKs send numeric ids; they are the same id as their decimal text.
+            return str(int(value)) if float(value).is_integer() else str(value)
+        self.violations.append(Violation(key, "must be a string"))
+        return ""
+
+    def obj(self, key: str) -> dict[str, Any]:
+        value = self.item.get(key)
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return value
+        self.violations.append(Violation(key, "must be an object"))
+        return {}
+
+    def time(self, key: str, target: Timestamp) -> bool:
+        value = self.item.get(key)
+        if value is None or value == "":
+            return False
+        if not isinstance(value, str):
+            self.violations.append(Violation(key, "must be an ISO-8601 string"))
+            return False
+        try:
+            target.CopyFrom(parse_time(value))
+        except (ValueError, OverflowError):
+            self.violations.append(Violation(key, "not an ISO-8601 time"))
+            return False
+        return True
+
+    def struct(self, key: str, target: Struct, value: dict[str, Any]) -> None:
+        if not value:
+            return
+        try:
+            target.update(value)
+        except (ValueError, TypeError, OverflowError):
+            self.violations.append(Violation(key, "holds a value JSON objects cannot"))
+
+
+def from_segment(
+    item: Any,
+    *,
+    kind: str | None = None,
+    batch_context: Mapping[str, Any] | None = None,
+    batch_integrations: Mapping[str, Any] | None = None,
+    batch_sent_at: Timestamp | None = None,
+) -> tuple[Event, list[Violation]]:
+    """One Segment message as an event, and what could not be read (fields in Segment's names).
+
+    ``kind`` is the call type when the endpoint fixes it (``/v1/track``); otherwise the
+    message's ``type``. A batch's top-level context and integrations are merged under the
+    message's own; the batch's ``sentAt`` applies when the message has none.
+    """
+    event = Event()
+    if not isinstance(item, dict):
+        return event, [Violation("", "must be a JSON object")]
+    r = _Reader(item)
+    type_name = kind or r.text("type").strip().lower()
+    if type_name:
+        event.type = TYPES.get(type_name, EventType.EVENT_TYPE_UNSPECIFIED)
+    if event.type == EventType.EVENT_TYPE_UNSPECIFIED:
+        r.violations.append(Violation("type", f"unknown event type {type_name!r}" if type_name else "required"))
+
+    event.message_id = r.text("messageId")
+    event.anonymous_id = r.text("anonymousId")
+    event.user_id = r.text("userId")
+    event.previous_id = r.text("previousId")
+    event.group_id = r.text("groupId")
+    if event.type == EventType.EVENT_TYPE_TRACK:
+        event.name = r.text("event")
+    else:
+        event.name = r.text("name")
+
+    context = {**(batch_context or {}), **r.obj("context")}
+    integrations = {**(batch_integrations or {}), **r.obj("integrations")}
+    if integrations:
+        # Parley has no destinations to route to; the hints are kept with the context.
+        context["integrations"] = integrations
+    properties = r.obj("properties")
+    traits = r.obj("traits")
+    if event.type == EventType.EVENT_TYPE_IDENTIFY:
+        ctx_traits = context.get("traits")
+        if isinstance(ctx_traits, dict) and ctx_traits:
+            traits = {**ctx_traits, **traits}
+    elif event.type == EventType.EVENT_TYPE_GROUP:
+        # A group's traits describe the account, not the person: they must not become
+        # contact properties (nor make the group's phone a contact).
+        properties = {**traits, **properties}
+        traits = {}
+    elif event.type == EventType.EVENT_TYPE_PAGE and "category" in item and "category" not in properties:
+        properties = {**properties, "category": item["category"]}
+    r.struct("properties", event.properties, properties)
+    r.struct("traits", event.traits, traits)
+    r.struct("context", event.context, context)
+
+    if not r.time("originalTimestamp", event.original_timestamp):
+        r.time("timestamp", event.original_timestamp)
+    if not r.time("sentAt", event.sent_at) and batch_sent_at is not None:
+        event.sent_at.CopyFrom(batch_sent_at)
+    return event, r.violations
+
+
+def from_regal(item: Any) -> tuple[Event, list[Violation]]:
+    """Regal's event shape (``userId``, ``traits``, ``name``, ``properties``, ``originalTimestamp``,
+    ``eventSource``): a track event when named, else an identify; traits with a phone make a contact."""
+    if not isinstance(item, dict):
+        return Event(), [Violation("", "must be a JSON object")]
+    name = item.get("name")
+    kind = "track" if name not in (None, "") else "identify"
+    message = dict(item)
+    message["event"] = name
+    source = item.get("eventSource")
+    if source is not None:
+        context = item.get("context") if isinstance(item.get("context"), dict) else {}
+        message["context"] = {**context, "eventSource": source}
+    return from_segment(message, kind=kind)

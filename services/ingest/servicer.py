@@ -1,0 +1,87 @@
+"""gRPC IngestService: requests in, the shared ingest path, per-event results out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
+from parley.ingest.v1 import ingest_service_pb2 as pb
+from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
+
+from services.common.context import current_workspace
+from services.common.errors import InvalidArgument
+from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
+
+MAX_BATCH_EVENTS = 1000
+
+_SINGLE = single_namer("event")
+_BATCH = batch_namer("events")
+
+
+def _counts(results: Sequence[EventResult]) -> dict[str, int]:
+    counts = {"accepted_count": 0, "duplicate_count": 0, "rejected_count": 0}
+    for r in results:
+        if r.status == EventStatus.EVENT_STATUS_ACCEPTED:
+            counts["accepted_count"] += 1
+        elif r.status == EventStatus.EVENT_STATUS_DUPLICATE:
+            counts["duplicate_count"] += 1
+        else:
+            counts["rejected_count"] += 1
+    return counts
+
+
+class IngestServicer(IngestServiceServicer):
+    """Thin adapter over :class:`Ingestor`."""
+
+    def __init__(self, ingestor: Ingestor, max_batch_bytes: int) -> None:
+        self._ingestor = ingestor
+        self._max_batch_bytes = max_batch_bytes
+
+    async def _single(self, event: Event, expected: EventType.ValueType) -> EventResult:
+        if event.type == EventType.EVENT_TYPE_UNSPECIFIED:
+            event.type = expected
+        elif event.type != expected:
+            raise InvalidArgument.field("event.type", f"must be {EventType.Name(expected)} or unset")
+        [result] = await self._ingestor.ingest([event], current_workspace(), _SINGLE)
+        if result.status == EventStatus.EVENT_STATUS_REJECTED:
+            raise InvalidArgument(violations_of_result(result))
+        return result
+
+    async def Track(self, request: pb.TrackRequest, context: grpc.aio.ServicerContext) -> pb.TrackResponse:
+        return pb.TrackResponse(result=await self._single(request.event, EventType.EVENT_TYPE_TRACK))
+
+    async def Page(self, request: pb.PageRequest, context: grpc.aio.ServicerContext) -> pb.PageResponse:
+        return pb.PageResponse(result=await self._single(request.event, EventType.EVENT_TYPE_PAGE))
+
+    async def Screen(self, request: pb.ScreenRequest, context: grpc.aio.ServicerContext) -> pb.ScreenResponse:
+        return pb.ScreenResponse(result=await self._single(request.event, EventType.EVENT_TYPE_SCREEN))
+
+    async def Identify(self, request: pb.IdentifyRequest, context: grpc.aio.ServicerContext) -> pb.IdentifyResponse:
+        return pb.IdentifyResponse(result=await self._single(request.event, EventType.EVENT_TYPE_IDENTIFY))
+
+    def _check_batch(self, count: int, size: int, *, allow_empty: bool = False) -> None:
+        if count == 0 and not allow_empty:
+            raise InvalidArgument.field("events", "at least one event is required")
+        if count > MAX_BATCH_EVENTS:
+            raise InvalidArgument.field("events", f"{count} events; the limit is {MAX_BATCH_EVENTS} per batch")
+        if size > self._max_batch_bytes:
+            raise InvalidArgument.field("events", f"batch is {size} bytes; the limit is {self._max_batch_bytes} bytes")
+
+    async def IngestBatch(
+        self, request: pb.IngestBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestBatchResponse:
+        self._check_batch(len(request.events), request.ByteSize())
+        results = await self._ingestor.ingest(request.events, current_workspace(), _BATCH)
+        return pb.IngestBatchResponse(results=results, **_counts(results))
+
+    async def IngestStream(
+        self, request_iterator: AsyncIterator[pb.IngestStreamRequest], context: grpc.aio.ServicerContext
+    ) -> pb.IngestStreamResponse:
+        workspace = current_workspace()
+        results: list[EventResult] = []
+        async for request in request_iterator:
+            self._check_batch(len(request.events), request.ByteSize(), allow_empty=True)
+            if request.events:
+                results.extend(await self._ingestor.ingest(request.events, workspace, _BATCH, base_index=len(results)))
+        return pb.IngestStreamResponse(results=results, **_counts(results))
