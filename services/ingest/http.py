@@ -154,7 +154,7 @@ class HttpIngest:
     async def _store(
         self,
         workspace: Workspace,
-        events: list[Event],
+        events: list[Event | None],
         namer: Namer,
         prior: dict[int, list[FieldViolation]],
     ) -> web.Response:
@@ -176,7 +176,7 @@ class HttpIngest:
             except (ValueError, OverflowError) as exc:
                 raise HttpError(400, "invalid_batch", "sentAt is not an ISO-8601 time", field="sentAt") from exc
         namer = _namer("batch")
-        events: list[Event] = []
+        events: list[Event | None] = []
         prior: dict[int, list[FieldViolation]] = {}
         for index, item in enumerate(items):
             event, violations = from_segment(
@@ -220,7 +220,9 @@ def _answer(results: list[EventResult]) -> web.Response:
             counts["duplicate"] += 1
         else:
             counts["rejected"] += 1
-    message = f"{counts['rejected']} of {len(results)} events rejected; the others were stored"
+    message = f"{counts['rejected']} of {len(results)} events rejected"
+    if counts["rejected"] < len(results):
+        message += "; the others were stored"
     return HttpError(400, "invalid_events", message, errors=errors, **counts).response()
 
 
@@ -266,7 +268,8 @@ def build_app(ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) ->
 async def start(rt: Runtime, ingestor: Ingestor) -> None:
     """Listen on ``ingest_http_port`` (0: ephemeral); the bound port goes to ``rt.state["http_port"]``."""
     app = build_app(ingestor, rt.verifier, rt.settings.max_http_body_bytes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Bodies are inflated by read_body, bounded; aiohttp's own inflation has no such bound.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, rt.settings.host, rt.settings.ingest_http_port)
     await site.start()

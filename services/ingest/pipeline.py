@@ -68,7 +68,7 @@ class Ingestor:
 
     async def ingest(
         self,
-        events: Sequence[Event],
+        events: Sequence[Event | None],
         workspace: Workspace,
         namer: Namer,
         *,
@@ -78,7 +78,8 @@ class Ingestor:
         """One result per event, in order, after every accepted event is committed by identity.
 
         ``prior`` holds violations found before normalization (e.g. unparseable JSON fields)
-        by position in ``events``, already named. Raises ``Unavailable`` when identity cannot
+        by position in ``events``, already named; a None event is one that could not be read
+        at all and is rejected with its ``prior`` violations only. Raises ``Unavailable`` when identity cannot
         be reached; then nothing of this call's last forward was committed.
         """
         received = Timestamp()
@@ -89,8 +90,9 @@ class Ingestor:
         forward_slots: list[int] = []
         first_seen: dict[str, int] = {}
         duplicates: list[tuple[int, int]] = []
-        for slot, event in enumerate(events):
-            violations = normalize_event(event, region, received, self.limits)
+        for slot, maybe in enumerate(events):
+            event = maybe if maybe is not None else Event()
+            violations = normalize_event(event, region, received, self.limits) if maybe is not None else []
             earlier = prior.get(slot) if prior else None
             if violations or earlier:
                 index = base_index + slot
@@ -123,7 +125,7 @@ class Ingestor:
         for slot, position in duplicates:
             results[slot] = EventResult(
                 index=base_index + slot,
-                message_id=events[slot].message_id,
+                message_id=forward[position].message_id,
                 status=EventStatus.EVENT_STATUS_DUPLICATE,
                 contact_id=committed[position].contact_id,
             )

@@ -111,22 +111,21 @@ def from_segment(
     batch_context: Mapping[str, Any] | None = None,
     batch_integrations: Mapping[str, Any] | None = None,
     batch_sent_at: Timestamp | None = None,
-) -> tuple[Event, list[Violation]]:
-    """One Segment message as an event, and what could not be read (fields in Segment's names).
+) -> tuple[Event | None, list[Violation]]:
+    """One Segment message as an event (None when it is no object), and what could not be read.
 
     ``kind`` is the call type when the endpoint fixes it (``/v1/track``); otherwise the
     message's ``type``. A batch's top-level context and integrations are merged under the
     message's own; the batch's ``sentAt`` applies when the message has none.
     """
-    event = Event()
     if not isinstance(item, dict):
-        return event, [Violation("", "must be a JSON object")]
+        return None, [Violation("", "must be a JSON object")]
+    event = Event()
     r = _Reader(item)
     type_name = kind or r.text("type").strip().lower()
     if type_name:
         event.type = TYPES.get(type_name, EventType.EVENT_TYPE_UNSPECIFIED)
-    if event.type == EventType.EVENT_TYPE_UNSPECIFIED:
-        r.violations.append(Violation("type", f"unknown event type {type_name!r}" if type_name else "required"))
+    # An unknown or missing type is left unspecified: the shared rules reject it.
 
     event.message_id = r.text("messageId")
     event.anonymous_id = r.text("anonymousId")
@@ -167,11 +166,11 @@ def from_segment(
     return event, r.violations
 
 
-def from_regal(item: Any) -> tuple[Event, list[Violation]]:
+def from_regal(item: Any) -> tuple[Event | None, list[Violation]]:
     """Regal's event shape (``userId``, ``traits``, ``name``, ``properties``, ``originalTimestamp``,
     ``eventSource``): a track event when named, else an identify; traits with a phone make a contact."""
     if not isinstance(item, dict):
-        return Event(), [Violation("", "must be a JSON object")]
+        return None, [Violation("", "must be a JSON object")]
     name = item.get("name")
     kind = "track" if name not in (None, "") else "identify"
     message = dict(item)

@@ -1,0 +1,113 @@
+"""Batches end to end through real identity: partial acceptance, idempotency, phones, streams."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.common.v1.event_pb2 import Event, EventStatus, EventType
+from parley.identity.v1 import identity_service_pb2 as ipb
+from parley.ingest.v1 import ingest_service_pb2 as pb
+
+from tests.ingest.conftest import Stack, struct, track
+
+ACCEPTED, DUPLICATE, REJECTED = (
+    EventStatus.EVENT_STATUS_ACCEPTED,
+    EventStatus.EVENT_STATUS_DUPLICATE,
+    EventStatus.EVENT_STATUS_REJECTED,
+)
+
+
+async def user_events(stack: Stack, user_id: str) -> list[ipb.StoredEvent]:
+    got = await stack.identity_stub.GetUser(ipb.GetUserRequest(user_id=user_id, event_limit=1000), metadata=stack.md)
+    return list(got.events)
+
+
+async def test_one_bad_event_is_rejected_alone(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    events = [
+        track("First", user_id=user),
+        track("Second", user_id=user, traits={"phone": "not-a-phone"}),
+        track("", user_id=user),
+        track("Fourth", user_id=user),
+    ]
+    response = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert [r.status for r in response.results] == [ACCEPTED, REJECTED, REJECTED, ACCEPTED]
+    assert [r.index for r in response.results] == [0, 1, 2, 3]
+    assert [v.field for v in response.results[1].violations] == ["events[1].traits.phone"]
+    assert [v.field for v in response.results[2].violations] == ["events[2].name"]
+    assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (2, 0, 2)
+    stored = await user_events(stack, user)
+    assert sorted(e.event.name for e in stored) == ["First", "Fourth"]
+
+
+async def test_duplicates_in_a_batch_and_across_retries_are_stored_once(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    events = [
+        track("A", user_id=user, message_id="dup-a"),
+        track("A", user_id=user, message_id="dup-a"),
+        track("B", user_id=user, message_id="dup-b"),
+    ]
+    first = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert [r.status for r in first.results] == [ACCEPTED, DUPLICATE, ACCEPTED]
+    retry = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert [r.status for r in retry.results] == [DUPLICATE, DUPLICATE, DUPLICATE]
+    assert retry.duplicate_count == 3
+    single = await stack.stub.Track(
+        pb.TrackRequest(event=track("A", user_id=user, message_id="dup-a")), metadata=stack.md
+    )
+    assert single.result.status == DUPLICATE
+    stored = await user_events(stack, user)
+    assert sorted(e.event.message_id for e in stored) == ["dup-a", "dup-b"]
+
+
+async def test_generated_message_ids_are_returned(stack: Stack) -> None:
+    response = await stack.stub.Track(pb.TrackRequest(event=track(anonymous_id="anon-1")), metadata=stack.md)
+    assert uuid.UUID(response.result.message_id)
+
+
+async def test_phone_formats_make_one_contact_and_keep_the_original(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    formats = ["(415) 555-2671", "+1 415-555-2671", "4155552671", "tel:+1-415-555-2671"]
+    events = [Event(type=EventType.EVENT_TYPE_IDENTIFY, user_id=user, traits=struct({"phone": raw})) for raw in formats]
+    response = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert response.accepted_count == 4
+    contact = await stack.identity_stub.GetContact(ipb.GetContactRequest(phone="+14155552671"), metadata=stack.md)
+    assert contact.contact.phone == "+14155552671"
+    assert {r.contact_id for r in response.results} == {contact.contact.id}
+    stored = await user_events(stack, user)
+    assert {e.event.phone for e in stored} == {"+14155552671"}
+    assert {e.event.traits.fields["phone"].string_value for e in stored} == set(formats)
+
+
+async def test_timestamps_are_corrected_for_clock_skew(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    device_now = datetime.now(UTC) - timedelta(hours=2)  # the device clock is two hours behind
+    original, sent = Timestamp(), Timestamp()
+    original.FromDatetime(device_now - timedelta(minutes=10))
+    sent.FromDatetime(device_now)
+    await stack.stub.Track(
+        pb.TrackRequest(event=track(user_id=user, original_timestamp=original, sent_at=sent)), metadata=stack.md
+    )
+    [stored] = await user_events(stack, user)
+    event = stored.event
+    assert event.original_timestamp == original and event.sent_at == sent
+    skew = event.received_at.ToDatetime(UTC) - event.timestamp.ToDatetime(UTC)
+    assert skew == timedelta(minutes=10)
+
+
+async def test_stream_reports_every_event_with_stream_indexes(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+
+    async def requests() -> AsyncIterator[pb.IngestStreamRequest]:
+        for chunk in range(3):
+            yield pb.IngestStreamRequest(events=[track(f"S{chunk}-{i}", user_id=user) for i in range(4)])
+        yield pb.IngestStreamRequest(events=[track("", user_id=user)])
+
+    response = await stack.stub.IngestStream(requests(), metadata=stack.md)
+    assert [r.index for r in response.results] == list(range(13))
+    assert (response.accepted_count, response.rejected_count) == (12, 1)
+    assert [v.field for v in response.results[12].violations] == ["events[12].name"]
+    assert len(await user_events(stack, user)) == 12
