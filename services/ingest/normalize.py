@@ -21,16 +21,23 @@ MAX_FUTURE_SECONDS = 24 * 3600
 # The range google.protobuf.Timestamp allows: 0001-01-01 .. 9999-12-31.
 _TS_MIN, _TS_MAX = -62_135_596_800, 253_402_300_799
 
+# Plain ints: enum attribute lookups are slow on this hot path.
+TRACK = int(EventType.EVENT_TYPE_TRACK)
+ALIAS = int(EventType.EVENT_TYPE_ALIAS)
+GROUP = int(EventType.EVENT_TYPE_GROUP)
 KNOWN_TYPES = frozenset(
-    {
+    int(t)
+    for t in (
         EventType.EVENT_TYPE_TRACK,
         EventType.EVENT_TYPE_PAGE,
         EventType.EVENT_TYPE_SCREEN,
         EventType.EVENT_TYPE_IDENTIFY,
         EventType.EVENT_TYPE_ALIAS,
         EventType.EVENT_TYPE_GROUP,
-    }
+    )
 )
+_ID_FIELDS = ("message_id", "anonymous_id", "user_id", "previous_id", "group_id")
+_CONTAINERS = frozenset({"struct_value", "list_value"})
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,33 @@ def too_deep(root: Struct, max_depth: int) -> bool:
     stack: list[tuple[Struct | ListValue, int]] = [(root, 1)]
     while stack:
         node, depth = stack.pop()
-        values = node.fields.values() if isinstance(node, Struct) else node.values
+        if isinstance(node, Struct):
+            fields = node.fields
+            values = [fields[key] for key in fields]
+        else:
+            values = list(node.values)
         for value in values:
             kind = value.WhichOneof("kind")
-            if kind == "struct_value" or kind == "list_value":
+            if kind in _CONTAINERS:
                 if depth >= max_depth:
                     return True
                 stack.append((getattr(value, kind), depth + 1))
     return False
+
+
+_context_depths: dict[tuple[bytes, int], bool] = {}
+
+
+def _context_too_deep(context: Struct, max_depth: int) -> bool:
+    """``too_deep`` for contexts, remembered: a sender's context (library, device) rarely changes."""
+    key = (context.SerializeToString(), max_depth)
+    known = _context_depths.get(key)
+    if known is None:
+        known = too_deep(context, max_depth)
+        if len(_context_depths) >= 10_000:
+            _context_depths.clear()
+        _context_depths[key] = known
+    return known
 
 
 def _phone_text(value: Value) -> str | None:
@@ -134,12 +160,12 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     name = event.name.strip() if event.name else ""
     if name != event.name:
         event.name = name
-    if kind == EventType.EVENT_TYPE_TRACK and not name:
+    if kind == TRACK and not name:
         out.append(Violation("name", "required for track events"))
     elif len(name) > limits.max_name_chars:
         out.append(Violation("name", f"longer than {limits.max_name_chars} characters"))
 
-    for field in ("message_id", "anonymous_id", "user_id", "previous_id", "group_id"):
+    for field in _ID_FIELDS:
         value = getattr(event, field)
         if value:
             trimmed = value.strip()
@@ -150,9 +176,12 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     if not event.message_id:
         event.message_id = str(uuid.uuid4())
 
-    for field in ("properties", "traits", "context"):
-        if event.HasField(field) and too_deep(getattr(event, field), limits.max_depth):
-            out.append(Violation(field, f"nested deeper than {limits.max_depth} levels"))
+    if event.HasField("properties") and too_deep(event.properties, limits.max_depth):
+        out.append(Violation("properties", f"nested deeper than {limits.max_depth} levels"))
+    if event.HasField("traits") and too_deep(event.traits, limits.max_depth):
+        out.append(Violation("traits", f"nested deeper than {limits.max_depth} levels"))
+    if event.HasField("context") and _context_too_deep(event.context, limits.max_depth):
+        out.append(Violation("context", f"nested deeper than {limits.max_depth} levels"))
 
     phone = ""
     phone_given = False
@@ -172,12 +201,12 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
             phone = e164
     event.phone = phone
 
-    if kind == EventType.EVENT_TYPE_ALIAS:
+    if kind == ALIAS:
         if not event.previous_id:
             out.append(Violation("previous_id", "required for alias events"))
         if not event.user_id:
             out.append(Violation("user_id", "required for alias events"))
-    elif kind == EventType.EVENT_TYPE_GROUP and not event.group_id:
+    elif kind == GROUP and not event.group_id:
         out.append(Violation("group_id", "required for group events"))
     if not (event.user_id or event.anonymous_id or phone_given):
         out.append(Violation("user_id", "one of user_id, anonymous_id or traits.phone is required"))
