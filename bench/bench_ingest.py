@@ -366,7 +366,7 @@ async def events_table(conn: asyncpg.Connection) -> str:
 def _row_value(col: asyncpg.Record, spec: Spec, workspace_id: uuid.UUID, n: int) -> Any:
     name, kind = col["column_name"], col["udt_name"]
     proto_kind = int(_KINDS[spec.kind])
-    when = {"original_timestamp": spec.original, "sent_at": spec.sent}
+    when = {"original_timestamp": spec.original, "sent_at": spec.sent, "event_time": spec.original}
     if "workspace" in name:
         return workspace_id if kind == "uuid" else str(workspace_id)
     if kind in ("timestamptz", "timestamp"):
@@ -376,6 +376,10 @@ def _row_value(col: asyncpg.Record, spec: Spec, workspace_id: uuid.UUID, n: int)
     if kind in ("int2", "int4", "int8"):
         return proto_kind if name in ("type", "event_type", "kind") else n
     if kind == "uuid":
+        if name == "user_key":
+            return uuid.UUID(int=spec.user + 1)
+        if "contact" in name:
+            return uuid.UUID(int=(1 << 64) + spec.user) if spec.traits else None
         return uuid.uuid4()
     if kind in ("text", "varchar", "bpchar"):
         text = {
@@ -390,7 +394,7 @@ def _row_value(col: asyncpg.Record, spec: Spec, workspace_id: uuid.UUID, n: int)
     if kind == "bool":
         return False
     if kind == "bytea":
-        return spec.message_id.encode()
+        return to_proto(spec).SerializeToString()
     if kind == "numeric" or kind.startswith("float"):
         return float(n)
     return None
