@@ -1,0 +1,1 @@
+"""Messaging: outbound SMS through one compliance gate, webhooks, conversations, consent and agent work."""

@@ -1,0 +1,152 @@
+"""The dispatcher: leases due messages (SKIP LOCKED), rechecks opt-out, rate-limits, calls the provider."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+import asyncpg
+import structlog
+
+from services.messaging import outcomes as oc
+from services.messaging import repository as repo
+from services.messaging.app import Messaging
+from services.messaging.providers import ACCEPTED, FAILED, OutboundSms, SendResult
+from services.messaging.repository import DispatchResult
+from services.messaging.status import BLOCKED, QUEUED, SENT
+
+log = structlog.get_logger(__name__)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random; at least the provider's Retry-After."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(delay, retry_after or 0.0)
+
+
+class Dispatcher:
+    def __init__(self, app: Messaging) -> None:
+        self.app = app
+
+    async def run(self) -> None:
+        """Dispatch until cancelled; sleeps when idle until woken or the poll interval passes."""
+        while True:
+            try:
+                handled = await self.dispatch_once()
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("dispatch_failed", error=repr(exc))
+                handled = 0
+                await asyncio.sleep(1.0)
+            if handled == 0:
+                self.app.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.app.wakeup.wait(), self.app.tuning.poll_seconds)
+
+    async def dispatch_once(self) -> int:
+        """One round: lease a batch, hand the allowed ones to the provider, record every outcome."""
+        app, tuning = self.app, self.app.tuning
+        now = app.clock.now()
+        blocked: list[DispatchResult] = []
+        sendable: list[asyncpg.Record] = []
+        async with app.pool.acquire() as conn, conn.transaction():
+            rows = await repo.claim_due(conn, now, tuning.dispatch_batch, tuning.lease_seconds)
+            if not rows:
+                return 0
+            by_ws: dict[str, list[asyncpg.Record]] = defaultdict(list)
+            for row in rows:
+                if row["sms_subscribed"] is False:
+                    # Opted out after it was queued: the gate's answer holds at hand-off too.
+                    blocked.append(
+                        DispatchResult(
+                            str(row["workspace_id"]),
+                            str(row["id"]),
+                            BLOCKED,
+                            "",
+                            "opted_out",
+                            "the contact opted out of SMS",
+                            None,
+                        )
+                    )
+                else:
+                    by_ws[str(row["workspace_id"])].append(row)
+            later: list[tuple[str, str, datetime]] = []
+            for ws, group in by_ws.items():
+                rate = (await app.policy(ws)).rate_limit_per_second
+                granted = await repo.take_tokens(conn, ws, rate, len(group))
+                sendable.extend(group[:granted])
+                for i, row in enumerate(group[granted:]):
+                    later.append((ws, str(row["id"]), now + timedelta(seconds=(i + 1) / rate)))
+            await repo.release(conn, later)
+            if blocked:
+                moved = await repo.record_results(conn, blocked, now)
+                await repo.add_outcomes(conn, _outcomes(moved, now))
+        if sendable:
+            await self._send(sendable)
+        if blocked:
+            app.wake_outbox()
+        return len(rows)
+
+    async def _send(self, rows: list[asyncpg.Record]) -> None:
+        app, tuning = self.app, self.app.tuning
+        limit = asyncio.Semaphore(tuning.dispatch_concurrency)
+
+        async def one(row: asyncpg.Record) -> SendResult:
+            async with limit:
+                sms = OutboundSms(
+                    str(row["id"]), row["phone"], row["body"], app.status_callback_url(str(row["workspace_id"]))
+                )
+                try:
+                    return await app.provider.send(sms)
+                except Exception as exc:
+                    log.exception("provider_error", message_id=sms.message_id)
+                    return SendResult("retry", error_code="provider_error", error_message=type(exc).__name__)
+
+        sent = await asyncio.gather(*(one(r) for r in rows))
+        now = app.clock.now()
+        results: list[DispatchResult] = []
+        for row, res in zip(rows, sent, strict=True):
+            ws, mid, attempt = str(row["workspace_id"]), str(row["id"]), row["attempts"] + 1
+            if res.outcome == ACCEPTED:
+                results.append(DispatchResult(ws, mid, SENT, res.provider_message_id, "", "", None))
+            elif res.outcome == FAILED or attempt >= tuning.max_attempts:
+                results.append(DispatchResult(ws, mid, "failed", "", res.error_code, res.error_message, None))
+            else:
+                delay = backoff_delay(attempt, tuning.backoff_base, tuning.backoff_cap, res.retry_after)
+                due = now + timedelta(seconds=delay)
+                results.append(DispatchResult(ws, mid, QUEUED, "", res.error_code, res.error_message, due))
+                log.info(
+                    "sms_retry", message_id=mid, attempt=attempt, error_code=res.error_code, delay_s=round(delay, 3)
+                )
+        async with app.pool.acquire() as conn, conn.transaction():
+            moved = await repo.record_results(conn, results, now)
+            outcomes = _outcomes(moved, now)
+            sids = [(str(r["workspace_id"]), r["provider_message_id"]) for r in moved if r["provider_message_id"]]
+            for early in await repo.take_early_statuses(conn, sids):
+                row, _ = await repo.apply_status(
+                    conn,
+                    str(early["workspace_id"]),
+                    early["provider_message_id"],
+                    early["status"],
+                    early["error_code"],
+                    now,
+                )
+                if row is not None:
+                    out = oc.message_outcome(row, row["status"], now)
+                    if out is not None:
+                        outcomes.append(out)
+            await repo.add_outcomes(conn, outcomes)
+        app.wake_outbox()
+
+
+def _outcomes(moved: list[asyncpg.Record], now: datetime) -> list[oc.Outcome]:
+    out = []
+    for row in moved:
+        if row["status"] != row["old_status"]:
+            o = oc.message_outcome(row, row["status"], now)
+            if o is not None:
+                out.append(o)
+    return out

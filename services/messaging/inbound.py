@@ -1,0 +1,142 @@
+"""Provider webhooks as domain actions: status callbacks and inbound SMS (keywords, consent, routing)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+
+from services.common.context import Workspace
+from services.common.errors import InvalidArgument
+from services.messaging import outcomes as oc
+from services.messaging import repository as repo
+from services.messaging.app import Messaging
+from services.messaging.consent import change_consent
+from services.messaging.keywords import Intent, classify
+from services.messaging.outcomes import Outcome
+from services.messaging.phones import to_e164, zone_of
+from services.messaging.repository import ConsentChange
+from services.messaging.segments import count_segments
+from services.messaging.sending import SendRequest, Target, send_in_transaction
+from services.messaging.status import from_twilio
+
+log = structlog.get_logger(__name__)
+
+# The contact property naming the agent who owns the contact.
+OWNER_PROPERTY = "owner_agent_id"
+
+
+async def status_callback(app: Messaging, ws: Workspace, form: Mapping[str, str], token: str) -> str:
+    """Apply a status callback once, forward only; returns what happened (for logs and tests)."""
+    sid = form.get("MessageSid") or form.get("SmsSid") or ""
+    raw = form.get("MessageStatus") or form.get("SmsStatus") or ""
+    if not sid or not raw:
+        raise InvalidArgument.field("MessageSid" if not sid else "MessageStatus", "required")
+    status = from_twilio(raw)
+    keys = [f"status:{sid}:{raw.lower()}"] + ([f"token:{token}"] if token else [])
+    now = app.clock.now()
+    async with app.pool.acquire() as conn, conn.transaction():
+        if not await repo.claim_receipts(conn, ws.id, keys):
+            return "duplicate"
+        if status is None:
+            return "ignored"
+        row, known = await repo.apply_status(conn, ws.id, sid, status, form.get("ErrorCode", ""), now)
+        if row is None:
+            return "stale" if known else "early"
+        outcome = oc.message_outcome(row, status, now)
+        if outcome is not None:
+            await repo.add_outcomes(conn, [outcome])
+    app.wake_outbox()
+    return status
+
+
+async def _route(app: Messaging, ws: Workspace, phone: str) -> tuple[str, str]:
+    """(contact id, owning agent id) from identity; empty when unknown or identity is unreachable."""
+    try:
+        contact = await app.identity.contact(ws.id, phone=phone)
+    except Exception as exc:
+        log.warning("inbound_contact_lookup_failed", error=type(exc).__name__)
+        return "", ""
+    if contact is None:
+        return "", ""
+    owner = ""
+    if contact.properties and OWNER_PROPERTY in contact.properties.fields:
+        value = contact.properties.fields[OWNER_PROPERTY]
+        candidate = value.string_value if value.WhichOneof("kind") == "string_value" else ""
+        if candidate and await repo.get_agent(app.pool, ws.id, candidate) is not None:
+            owner = candidate
+    return contact.id, owner
+
+
+async def receive_sms(app: Messaging, ws: Workspace, form: Mapping[str, str], token: str) -> str:
+    """Keep an inbound SMS in its conversation once; act on keywords; returns the intent."""
+    sid = form.get("MessageSid") or form.get("SmsSid") or ""
+    if not sid:
+        raise InvalidArgument.field("MessageSid", "required")
+    phone = to_e164(form.get("From", ""), ws.default_region, "From")
+    body = form.get("Body", "")
+    intent = classify(body)
+    contact_id, owner = await _route(app, ws, phone)
+    now = app.clock.now()
+    keys = [f"inbound:{sid}"] + ([f"token:{token}"] if token else [])
+    outcomes: list[Outcome] = []
+    help_row = None
+    async with app.pool.acquire() as conn, conn.transaction():
+        if not await repo.claim_receipts(conn, ws.id, keys):
+            return "duplicate"
+        await repo.lock_phone(conn, ws.id, phone)
+        conv = await repo.upsert_inbound_conversation(conn, ws.id, phone, contact_id, owner, now)
+        conv_id = str(conv["id"])
+        seg = count_segments(body)
+        msg = await repo.insert_inbound(
+            conn, ws.id, conv_id, contact_id, phone, body, sid, seg.segments, seg.encoding, now
+        )
+        outcomes.append(
+            Outcome(
+                ws.id,
+                oc.SMS_RECEIVED,
+                str(msg["id"]),
+                phone,
+                now,
+                contact_id,
+                {"message_id": str(msg["id"]), "conversation_id": conv_id, "body": body, "intent": intent.value},
+            )
+        )
+        channels: tuple[str, ...] = ()
+        subscribed = False
+        if intent in (Intent.OPT_OUT, Intent.OPT_OUT_PHRASE):
+            channels = ("sms",)
+        elif intent is Intent.OPT_OUT_ALL:
+            channels = ("sms", "voice")
+        elif intent is Intent.OPT_IN:
+            channels, subscribed = ("sms",), True
+        for channel in channels:
+            _, more = await change_consent(
+                conn, ConsentChange(ws.id, phone, channel, subscribed, now, "keyword", consent_text=body[:500])
+            )
+            outcomes.extend(more)
+        if intent is Intent.OPT_OUT_PHRASE:
+            await repo.flag_conversation(conn, ws.id, conv_id, body[:500])
+        if intent is Intent.HELP:
+            policy = await app.policy(ws.id)
+            help_row = await send_in_transaction(
+                app,
+                conn,
+                ws,
+                SendRequest(
+                    f"help:{sid}", policy.help_text, transactional=True, conversation_id=conv_id, is_reply=True
+                ),
+                Target(phone, contact_id, zone_of(phone), conv_id),
+            )
+        await repo.add_outcomes(conn, [_with_contact(o, contact_id) for o in outcomes])
+    if help_row is not None and help_row["status"] == "queued":
+        app.wake_dispatcher()
+    app.wake_outbox()
+    log.info("sms_received", intent=intent.value, conversation_id=conv_id)
+    return intent.value
+
+
+def _with_contact(o: Outcome, contact_id: str) -> Outcome:
+    if o.contact_id or not contact_id:
+        return o
+    return Outcome(o.workspace_id, o.name, o.key, o.phone, o.event_time, contact_id, o.properties)

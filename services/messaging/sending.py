@@ -1,0 +1,236 @@
+"""SendSms and CreateCallTask: validation, the compliance gate, and the durable record of each send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+
+from services.common.context import Workspace
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ParleyError,
+    ResourceExhausted,
+    Violation,
+)
+from services.messaging import gate
+from services.messaging import outcomes as oc
+from services.messaging import repository as repo
+from services.messaging.app import Messaging
+from services.messaging.outcomes import Outcome
+from services.messaging.phones import check_zone, to_e164, zone_of
+from services.messaging.repository import NewMessage
+from services.messaging.segments import MAX_BODY_CHARS, count_segments
+from services.messaging.status import QUEUED, SCHEDULED
+
+MAX_ID_CHARS = 200
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    request_id: str
+    body: str
+    phone: str = ""
+    contact_id: str = ""
+    transactional: bool = False
+    campaign_id: str = ""
+    time_zone: str = ""
+    conversation_id: str = ""
+    # Sent by Parley itself inside a conversation (HELP answers, agent replies).
+    is_reply: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a send goes, resolved before the transaction."""
+
+    phone: str
+    contact_id: str
+    zone: str
+    conversation_id: str
+
+
+def refusal(reason: str) -> ParleyError:
+    """The error a caller gets for a gate refusal, with the reason in ErrorInfo."""
+    message = gate.REASONS.get(reason, reason)
+    err: ParleyError = ResourceExhausted(message) if reason == gate.DAILY_CAP else FailedPrecondition(message)
+    err.reason = reason.upper()
+    return err
+
+
+def validate(req: SendRequest) -> None:
+    out: list[Violation] = []
+    if not req.request_id.strip():
+        out.append(Violation("request_id", "required"))
+    elif len(req.request_id) > MAX_ID_CHARS:
+        out.append(Violation("request_id", f"longer than {MAX_ID_CHARS} characters"))
+    if not req.body.strip():
+        out.append(Violation("body", "required"))
+    elif len(req.body) > MAX_BODY_CHARS:
+        out.append(Violation("body", f"longer than {MAX_BODY_CHARS} characters"))
+    if not (req.phone or req.contact_id or req.conversation_id):
+        out.append(Violation("phone", "one of phone, contact_id or conversation_id is required"))
+    if out:
+        raise InvalidArgument(out)
+
+
+async def resolve_target(app: Messaging, ws: Workspace, req: SendRequest) -> Target:
+    """Phone, contact and zone of the send: from the request, the conversation, or identity."""
+    phone = to_e164(req.phone, ws.default_region) if req.phone else ""
+    zone = check_zone(req.time_zone) if req.time_zone else ""
+    contact_id = req.contact_id
+    conversation_id = ""
+    if req.conversation_id:
+        conv = await _conversation(app, ws.id, req.conversation_id)
+        if phone and phone != conv["phone"]:
+            raise InvalidArgument.field("conversation_id", "belongs to another phone")
+        phone = conv["phone"]
+        contact_id = contact_id or conv["contact_id"]
+        conversation_id = str(conv["id"])
+    if not phone:
+        contact = await app.identity.contact(ws.id, contact_id=contact_id)
+        if contact is None:
+            raise NotFound(f"contact {contact_id!r} not found")
+        if not contact.phone:
+            raise FailedPrecondition(f"contact {contact_id!r} has no phone")
+        phone = contact.phone
+        zone = zone or contact.time_zone
+    return Target(phone, contact_id, zone or zone_of(phone), conversation_id)
+
+
+async def _conversation(app: Messaging, workspace_id: str, conversation_id: str) -> asyncpg.Record:
+    try:
+        conv = await repo.get_conversation(app.pool, workspace_id, conversation_id)
+    except asyncpg.DataError as exc:
+        raise InvalidArgument.field("conversation_id", "not a conversation id") from exc
+    if conv is None:
+        raise NotFound(f"conversation {conversation_id!r} not found")
+    return conv
+
+
+async def send_sms(app: Messaging, ws: Workspace, req: SendRequest) -> asyncpg.Record:
+    """Record one SMS through the gate; the queued/scheduled row, or the refusal as an error."""
+    validate(req)
+    target = await resolve_target(app, ws, req)
+    async with app.pool.acquire() as conn, conn.transaction():
+        row = await send_in_transaction(app, conn, ws, req, target)
+    if row["status"] == "blocked":
+        raise refusal(row["error_code"])
+    if row["status"] == QUEUED:
+        app.wake_dispatcher()
+    return row
+
+
+async def send_in_transaction(
+    app: Messaging, conn: asyncpg.Connection, ws: Workspace, req: SendRequest, target: Target
+) -> asyncpg.Record:
+    """The gate and the record, inside the caller's transaction; a refusal is a BLOCKED row."""
+    existing = await repo.message_by_request(conn, ws.id, req.request_id)
+    if existing is not None:
+        return existing
+    policy = await app.policy(ws.id)
+    now = app.clock.now()
+    await repo.lock_phone(conn, ws.id, target.phone)
+    state = await repo.send_state(conn, ws.id, target.phone, now - timedelta(hours=24))
+    in_contact_conversation = state.conversation_started_by_contact and (bool(target.conversation_id) or req.is_reply)
+    decision = gate.decide(
+        policy,
+        gate.GateInput(
+            sms_subscribed=state.sms_subscribed,
+            transactional=req.transactional,
+            reply_to_contact=in_contact_conversation,
+            sent_last_24h=state.sent_last_24h,
+            now=now,
+            zone=target.zone,
+        ),
+    )
+    seg = count_segments(req.body)
+    message = NewMessage(
+        workspace_id=ws.id,
+        phone=target.phone,
+        body=req.body,
+        status="blocked" if not decision.allowed else (SCHEDULED if decision.scheduled else QUEUED),
+        segments=seg.segments,
+        encoding=seg.encoding,
+        request_id=req.request_id,
+        contact_id=target.contact_id,
+        campaign_id=req.campaign_id,
+        transactional=req.transactional,
+        is_reply=req.is_reply or bool(target.conversation_id),
+        time_zone=target.zone,
+        due_time=(decision.due_time or now) if decision.allowed else None,
+        error_code=decision.reason,
+        error_message=gate.REASONS.get(decision.reason, ""),
+        conversation_id=state.conversation_id,
+    )
+    row = await repo.insert_outbound(conn, message, now, open_conversation=decision.allowed)
+    if row is None:  # a concurrent call with the same request_id won
+        row = await repo.message_by_request(conn, ws.id, req.request_id)
+        assert row is not None
+    return row
+
+
+# ---------------------------------------------------------------- call tasks
+
+
+@dataclass(frozen=True)
+class CallTaskRequest:
+    request_id: str
+    phone: str = ""
+    contact_id: str = ""
+    queue: str = ""
+    priority: int = 0
+    notes: str = ""
+    campaign_id: str = ""
+
+
+async def create_call_task(app: Messaging, ws: Workspace, req: CallTaskRequest) -> asyncpg.Record:
+    """A call task in its queue, unless the contact opted out of voice. Idempotent by request_id."""
+    out: list[Violation] = []
+    if not req.request_id.strip():
+        out.append(Violation("request_id", "required"))
+    if not (req.phone or req.contact_id):
+        out.append(Violation("phone", "one of phone or contact_id is required"))
+    if len(req.queue) > MAX_ID_CHARS:
+        out.append(Violation("queue", f"longer than {MAX_ID_CHARS} characters"))
+    if len(req.notes) > 10_000:
+        out.append(Violation("notes", "longer than 10,000 characters"))
+    if out:
+        raise InvalidArgument(out)
+    existing = await repo.task_by_request(app.pool, ws.id, req.request_id)
+    if existing is not None:
+        return existing
+    target = await resolve_target(app, ws, SendRequest(req.request_id, "-", req.phone, req.contact_id))
+    now = app.clock.now()
+    async with app.pool.acquire() as conn, conn.transaction():
+        await repo.lock_phone(conn, ws.id, target.phone)
+        voice = await repo.get_consent(conn, ws.id, target.phone, "voice")
+        if voice is not None and not voice["subscribed"]:
+            raise FailedPrecondition("the contact opted out of calls")
+        row = await repo.insert_call_task(
+            conn,
+            ws.id,
+            req.request_id,
+            target.contact_id,
+            target.phone,
+            req.queue.strip() or "default",
+            req.priority,
+            req.notes,
+            req.campaign_id,
+            now,
+        )
+        if row is None:
+            row = await repo.task_by_request(conn, ws.id, req.request_id)
+            assert row is not None
+            return row
+        props = {"task_id": str(row["id"]), "queue": row["queue"]}
+        if req.campaign_id:
+            props["campaign_id"] = req.campaign_id
+        await repo.add_outcomes(
+            conn, [Outcome(ws.id, oc.CALL_TASK_CREATED, str(row["id"]), target.phone, now, target.contact_id, props)]
+        )
+    app.wake_outbox()
+    return row

@@ -1,0 +1,97 @@
+"""The send window in the contact's local time, and the gate's decisions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from services.messaging import gate
+from services.messaging.consent import consents_from_traits
+from services.messaging.phones import zone_of
+from services.messaging.window import next_send_time
+
+NY = "America/New_York"
+
+
+def test_inside_window_is_now() -> None:
+    assert next_send_time(datetime(2026, 6, 15, 16, 0, tzinfo=UTC), NY, "08:00", "21:00") is None
+
+
+def test_before_window_waits_for_todays_start() -> None:
+    # 05:00 in New York (EDT, UTC-4) -> 08:00 local = 12:00 UTC the same day.
+    due = next_send_time(datetime(2026, 6, 15, 9, 0, tzinfo=UTC), NY, "08:00", "21:00")
+    assert due == datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+
+
+def test_after_window_waits_for_tomorrows_start() -> None:
+    # 22:30 in New York -> 08:00 tomorrow.
+    due = next_send_time(datetime(2026, 6, 16, 2, 30, tzinfo=UTC), NY, "08:00", "21:00")
+    assert due == datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
+
+
+def test_window_across_midnight_and_always_open() -> None:
+    at = datetime(2026, 6, 15, 16, 0, tzinfo=UTC)  # 12:00 NY
+    assert next_send_time(at, NY, "20:00", "02:00") == datetime(2026, 6, 16, 0, 0, tzinfo=UTC)
+    assert next_send_time(at, NY, "00:00", "00:00") is None
+
+
+def test_zone_of_phone() -> None:
+    assert zone_of("+12125550100") == NY
+    assert zone_of("+14155552671") == "America/Los_Angeles"
+    assert zone_of("+447911123456").startswith("Europe/")
+
+
+POLICY = gate.Policy(True, "help", "08:00", "21:00", 10.0, 3)
+NOON = datetime(2026, 6, 15, 16, 0, tzinfo=UTC)
+
+
+def given(**kw: object) -> gate.GateInput:
+    base: dict[str, object] = dict(
+        sms_subscribed=True, transactional=False, reply_to_contact=False, sent_last_24h=0, now=NOON, zone=NY
+    )
+    base.update(kw)
+    return gate.GateInput(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "allowed", "reason"),
+    [
+        ({}, True, ""),
+        ({"sms_subscribed": False}, False, gate.OPTED_OUT),
+        ({"sms_subscribed": False, "transactional": True}, False, gate.OPTED_OUT),
+        ({"sms_subscribed": None}, False, gate.NO_OPT_IN),
+        ({"sms_subscribed": None, "transactional": True}, True, ""),
+        ({"sms_subscribed": None, "reply_to_contact": True}, True, ""),
+        ({"sent_last_24h": 3}, False, gate.DAILY_CAP),
+    ],
+)
+def test_gate_decisions(kw: dict[str, object], allowed: bool, reason: str) -> None:
+    d = gate.decide(POLICY, given(**kw))
+    assert (d.allowed, d.reason) == (allowed, reason)
+
+
+def test_gate_defers_outside_window_rather_than_drop() -> None:
+    d = gate.decide(POLICY, given(now=datetime(2026, 6, 16, 2, 30, tzinfo=UTC)))
+    assert d.allowed and d.due_time == datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
+
+
+def test_opt_in_not_required_by_policy() -> None:
+    relaxed = gate.Policy(False, "help", "08:00", "21:00", 10.0, 3)
+    assert gate.decide(relaxed, given(sms_subscribed=None)).allowed
+
+
+def test_consent_traits() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    out = consents_from_traits(
+        {
+            "sms_opt_in": True,
+            "voice_opt_in": {"subscribed": False, "timestamp": "2025-12-01T10:00:00Z", "source": "web form"},
+        },
+        at,
+    )
+    assert [(c.channel, c.subscribed, c.consent_time, c.source) for c in out] == [
+        ("sms", True, at, "identify"),
+        ("voice", False, datetime(2025, 12, 1, 10, tzinfo=UTC), "web form"),
+    ]
+    assert consents_from_traits({"sms_opt_in": "maybe", "voice_opt_in": {"x": 1}}, at) == []

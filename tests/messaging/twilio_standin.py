@@ -1,0 +1,151 @@
+"""A local stand-in for Twilio's Messages API: answers as Twilio does, can fail on cue, can call back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+
+ACCOUNT_SID = "AC" + "0" * 32
+AUTH_TOKEN = "standin-auth-token"
+
+
+@dataclass
+class Received:
+    sid: str
+    to: str
+    body: str
+    status_callback: str
+    form: dict[str, str]
+
+
+@dataclass
+class TwilioStandIn:
+    """``script`` holds forced answers (HTTP status codes) for the next requests; empty = 201."""
+
+    account_sid: str = ACCOUNT_SID
+    auth_token: str = AUTH_TOKEN
+    script: deque[int] = field(default_factory=deque)
+    # Numbers Twilio would refuse with 400 / 21211.
+    invalid_numbers: set[str] = field(default_factory=set)
+    received: list[Received] = field(default_factory=list)
+    attempts: int = 0
+    # When set, each accepted message gets a signed "delivered" callback to this base URL
+    # (the messaging HTTP listener), signed for the public URL it was given.
+    callback_base: str | None = None
+    public_base: str = ""
+    callback_status: str = "delivered"
+    port: int = 0
+    _runner: web.AppRunner | None = None
+    _session: aiohttp.ClientSession | None = None
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def to(self, phone: str) -> list[Received]:
+        return [r for r in self.received if r.to == phone]
+
+    async def start(self) -> TwilioStandIn:
+        app = web.Application()
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _error(self, status: int, code: int, message: str) -> web.Response:
+        return web.json_response(
+            {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status},
+            status=status,
+        )
+
+    async def _create(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        if request.headers.get("Authorization") != expected or request.match_info["sid"] != self.account_sid:
+            return self._error(401, 20003, "Authenticate")
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        if self.script:
+            forced = self.script.popleft()
+            if forced == 429:
+                resp = self._error(429, 20429, "Too Many Requests")
+                resp.headers["Retry-After"] = "0"
+                return resp
+            if forced >= 500:
+                return self._error(forced, 20500, "Internal Server Error")
+            if forced >= 400:
+                return self._error(forced, 21211, "The 'To' number is not a valid phone number.")
+        to, body = form.get("To", ""), form.get("Body", "")
+        if not to or not body or not (form.get("From") or form.get("MessagingServiceSid")):
+            return self._error(400, 21604, "A 'To' phone number is required.")
+        if to in self.invalid_numbers:
+            return self._error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        sid = f"SM{next(self._ids):032x}"
+        self.received.append(Received(sid, to, body, form.get("StatusCallback", ""), form))
+        if self.callback_base and form.get("StatusCallback"):
+            task = asyncio.create_task(self._callback(sid, form))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return web.json_response(
+            {
+                "sid": sid,
+                "account_sid": self.account_sid,
+                "to": to,
+                "from": form.get("From"),
+                "body": body,
+                "status": "queued",
+                "num_segments": "1",
+                "error_code": None,
+                "error_message": None,
+                "api_version": "2010-04-01",
+            },
+            status=201,
+        )
+
+    async def _callback(self, sid: str, form: dict[str, str]) -> None:
+        public = form["StatusCallback"]
+        local = self.callback_base.rstrip("/") + public[len(self.public_base.rstrip("/")) :]  # type: ignore[union-attr]
+        params = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": self.account_sid,
+            "MessageStatus": self.callback_status,
+            "SmsStatus": self.callback_status,
+            "To": form["To"],
+            "From": form.get("From", ""),
+            "ApiVersion": "2010-04-01",
+        }
+        signature = RequestValidator(self.auth_token).compute_signature(public, params)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        for _ in range(5):
+            try:
+                async with self._session.post(
+                    local,
+                    data=params,
+                    headers={"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": f"tok-{sid}"},
+                ) as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
