@@ -1,0 +1,1 @@
+"""Campaign service: journey definitions, enrollments, durable timers and stats."""

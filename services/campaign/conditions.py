@@ -1,0 +1,97 @@
+"""Property conditions, with the operators and semantics of identity's ListContacts filters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from parley.common.v1 import contact_pb2
+
+from services.campaign.template import lookup
+
+Op = contact_pb2.FilterOperator
+KNOWN_OPERATORS = frozenset(v for v in Op.values() if v != Op.FILTER_OPERATOR_UNSPECIFIED)
+VALUELESS = frozenset({Op.FILTER_OPERATOR_EXISTS, Op.FILTER_OPERATOR_NOT_EXISTS})
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _cmp(a: Any, b: Any) -> int | None:
+    na, nb = _num(a), _num(b)
+    if na is not None and nb is not None:
+        return (na > nb) - (na < nb)
+    if isinstance(a, str) and isinstance(b, str):
+        return (a > b) - (a < b)
+    return None
+
+
+def _eq(a: Any, b: Any) -> bool:
+    # JSON numbers arrive as floats: 3 == 3.0 holds in Python already.
+    return bool(a == b)
+
+
+def matches(f: contact_pb2.PropertyFilter, data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` (properties) meets the filter; a missing key meets only NOT_EXISTS/NEQ."""
+    actual = lookup(data, f.key.split(".")) if f.key else None
+    want = json_format.MessageToDict(f.value) if f.HasField("value") else None
+    op = f.operator
+    if op == Op.FILTER_OPERATOR_EXISTS:
+        return actual is not None
+    if op == Op.FILTER_OPERATOR_NOT_EXISTS:
+        return actual is None
+    if op == Op.FILTER_OPERATOR_NEQ:
+        return actual is None or not _eq(actual, want)
+    if actual is None:
+        return False
+    if op == Op.FILTER_OPERATOR_EQ:
+        return _eq(actual, want)
+    if op == Op.FILTER_OPERATOR_IN:
+        return isinstance(want, list) and any(_eq(actual, w) for w in want)
+    if op == Op.FILTER_OPERATOR_CONTAINS:
+        if isinstance(actual, str):
+            return isinstance(want, str) and want.lower() in actual.lower()
+        if isinstance(actual, list):
+            return any(_eq(a, want) for a in actual)
+        return False
+    c = _cmp(actual, want)
+    if c is None:
+        return False
+    return {
+        Op.FILTER_OPERATOR_GT: c > 0,
+        Op.FILTER_OPERATOR_GTE: c >= 0,
+        Op.FILTER_OPERATOR_LT: c < 0,
+        Op.FILTER_OPERATOR_LTE: c <= 0,
+    }.get(op, False)
+
+
+def all_match(filters: Sequence[contact_pb2.PropertyFilter], data: Mapping[str, Any]) -> bool:
+    return all(matches(f, data) for f in filters)
+
+
+def filter_problem(f: contact_pb2.PropertyFilter, *, key_required: bool = True) -> tuple[str, str] | None:
+    """(sub-field, description) of what is wrong with a filter, or None."""
+    if key_required and not f.key:
+        return "key", "required"
+    if f.operator not in KNOWN_OPERATORS:
+        return "operator", (
+            "unknown operator; use one of eq, neq, gt, gte, lt, lte, exists, not_exists, contains, in"
+        )
+    if f.operator in VALUELESS:
+        return None
+    if not f.HasField("value"):
+        return "value", "required for this operator"
+    if f.operator == Op.FILTER_OPERATOR_IN and not f.value.HasField("list_value"):
+        return "value", "must be a list for operator in"
+    return None

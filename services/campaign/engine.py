@@ -1,0 +1,613 @@
+"""The journey engine: enrolls contacts from identity's event stream and runs due steps from Postgres timers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+import structlog
+from google.protobuf import json_format
+from parley.campaign.v1 import campaign_service_pb2 as pb
+from parley.common.v1 import event_pb2
+from parley.identity.v1 import identity_service_pb2 as id_pb
+
+from services.campaign import conditions, repository, template, timing
+from services.campaign.clock import Clock
+from services.campaign.definition import Graph, definition_from_stored, kind_of
+from services.campaign.effects import ContactInfo, Effects
+
+log = structlog.get_logger("parley.campaign.engine")
+
+CONSUMER = "identity-events"
+# Guards against a definition bug looping inside one run; validation already forbids
+# cycles without a wait, so a legitimate run is never this long.
+MAX_STEPS_PER_RUN = 200
+MAX_RETRY_BACKOFF = 300.0
+NOTIFY_CHANNEL = "campaign_due"
+# Outcome events from messaging that feed step stats.
+DELIVERY_EVENTS = {"SMS Delivered": "delivered", "SMS Failed": "failed"}
+TASK_DONE_EVENTS = frozenset({"Call Completed"})
+DEFAULT_GOAL_WINDOW = timedelta(days=7)
+
+
+def cohort_for(campaign_id: str, step_id: str, contact_id: str, cohorts: Sequence[pb.Cohort]) -> pb.Cohort:
+    """The contact's cohort at a split: a stable hash, so re-entries and retries land the same way."""
+    digest = hashlib.sha256(f"{campaign_id}:{step_id}:{contact_id}".encode()).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 10_000
+    edge = 0
+    for c in cohorts:
+        edge += c.percent * 100
+        if bucket < edge:
+            return c
+    return cohorts[-1]
+
+
+def event_data(ev: event_pb2.Event) -> dict[str, Any]:
+    """An event's properties as conditions and templates see them (identify: its traits)."""
+    data = json_format.MessageToDict(ev.properties)
+    if ev.type == event_pb2.EVENT_TYPE_IDENTIFY:
+        data = {**json_format.MessageToDict(ev.traits), **data}
+    return data
+
+
+def matcher_matches(m: pb.EventMatcher, ev: event_pb2.Event, data: dict[str, Any]) -> bool:
+    return bool(m.name) and ev.name == m.name and conditions.all_match(m.conditions, data)
+
+
+@dataclass
+class Hold:
+    """The step waits: until ``due`` (None: only an event wakes it)."""
+
+    phase: str
+    due: datetime | None
+    outcome: str
+    detail: str = ""
+    wait: tuple[str | None, str | None, Any] = (None, None, None)
+
+
+@dataclass
+class Move:
+    """The step finished with ``outcome``; go to ``next`` ('' completes the journey)."""
+
+    next: str
+    outcome: str
+    detail: str = ""
+    message_id: str = ""
+    task_id: str = ""
+    end: str = ""  # set: the enrollment ends here with this reason
+
+
+@dataclass
+class Run:
+    """One enrollment being advanced: its row, mutated in memory, written back at commit."""
+
+    row: dict[str, Any]
+    history: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    contact: ContactInfo | None = None
+    sends: int = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["row"][name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class Engine:
+    """Runs journeys. One per replica; all state is in Postgres, so replicas share the work."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        effects: Effects,
+        clock: Clock,
+        *,
+        batch_size: int = 200,
+        concurrency: int = 64,
+    ) -> None:
+        self.pool = pool
+        self.effects = effects
+        self.clock = clock
+        self.batch_size = batch_size
+        self._sem = asyncio.Semaphore(concurrency)
+        self._graphs: dict[tuple[str, str, int], Graph] = {}
+        self._wake = asyncio.Event()
+        self.events_seen = 0
+        self.steps_run = 0
+
+    # ---------------------------------------------------------------------------------- graphs
+
+    async def graph(self, workspace_id: str, campaign_id: str, version: int) -> Graph | None:
+        key = (str(workspace_id), str(campaign_id), version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            stored = await repository.get_version(self.pool, workspace_id, campaign_id, version)
+            if stored is None:
+                return None
+            # Versions are immutable, so caching them forever is safe.
+            graph = self._graphs[key] = Graph.of(definition_from_stored(stored))
+        return graph
+
+    # ---------------------------------------------------------------------------------- timers
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run_due(self, now: datetime | None = None, *, max_batches: int = 10_000) -> int:
+        """Run every step due at ``now`` (default: the clock), batch after batch; returns steps run."""
+        total = 0
+        for _ in range(max_batches):
+            n = await self.tick(now)
+            total += n
+            if n == 0:
+                break
+        return total
+
+    async def tick(self, now: datetime | None = None) -> int:
+        """Claim one batch of due enrollments (SKIP LOCKED), advance each, commit; returns how many."""
+        now = now or self.clock.now()
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await repository.claim_due(conn, now, self.batch_size)
+            if not rows:
+                return 0
+            runs = [Run(dict(r)) for r in rows]
+            await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
+            await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
+        self.steps_run += len(runs)
+        return len(runs)
+
+    async def timer_loop(self, workers: int = 4, poll: float = 0.25) -> None:
+        """Production loop: drain due work with several workers, then sleep until woken or ``poll``."""
+
+        async def worker() -> None:
+            while True:
+                try:
+                    n = await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("timer_batch_failed")
+                    n = 0
+                    await asyncio.sleep(1.0)
+                if n < self.batch_size:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), poll)
+                    except TimeoutError:
+                        pass
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+
+    async def _advance_guarded(self, run: Run, now: datetime) -> None:
+        async with self._sem:
+            try:
+                await self._advance(run, now)
+            except Exception as exc:
+                log.warning("step_failed_will_retry", enrollment_id=str(run.id), step_id=run.step_id, error=repr(exc))
+                self._retry(run, now, repr(exc))
+
+    def _retry(self, run: Run, now: datetime, detail: str) -> None:
+        attempts = run.row["attempts"] + 1
+        delay = min(2.0 ** min(attempts, 12), MAX_RETRY_BACKOFF)
+        run.row.update(attempts=attempts, due_at=now + timedelta(seconds=delay))
+        if run.row["phase"] == "enter":
+            # Nothing of the step happened yet; re-entering it later must not count a new visit.
+            run.row["phase"] = "retry_enter"
+        key = (run.step_id, run.visit)
+        if key in run.history:
+            run.history[key]["detail"] = detail[:500]
+
+    def _hist(self, run: Run, kind: str, now: datetime) -> dict[str, Any]:
+        key = (run.step_id, run.visit)
+        h = run.history.get(key)
+        if h is None:
+            h = run.history[key] = {
+                "workspace_id": run.workspace_id, "enrollment_id": run.id, "step_id": run.step_id,
+                "visit": run.visit, "campaign_id": run.campaign_id, "version": run.version, "kind": kind,
+                "enter_time": now, "end_time": None, "outcome": "waiting", "detail": "", "message_id": "",
+                "task_id": "",
+            }
+        return h
+
+    def _end(self, run: Run, state: str, reason: str, now: datetime) -> None:
+        run.row.update(state=state, exit_reason=reason, end_time=now, due_at=None, phase="done")
+
+    async def _advance(self, run: Run, now: datetime) -> None:
+        graph = await self.graph(run.workspace_id, run.campaign_id, run.version)
+        if graph is None:
+            self._end(run, "exited", "version_missing", now)
+            return
+        for _ in range(MAX_STEPS_PER_RUN):
+            step = graph.steps.get(run.step_id)
+            if step is None:
+                self._end(run, "completed", "completed", now)
+                return
+            kind = kind_of(step)
+            if run.row["phase"] == "enter":
+                visits = dict(run.row["visits"])
+                visits[step.id] = visits.get(step.id, 0) + 1
+                run.row.update(visits=visits, visit=visits[step.id], attempts=0)
+            elif run.row["phase"] == "retry_enter":
+                run.row["phase"] = "enter"
+            hist = self._hist(run, kind, now)
+            result = await self._execute(run, graph, step, kind, now)
+            if isinstance(result, Hold):
+                if result.phase == "retry":
+                    self._retry(run, now, result.detail)
+                    hist["outcome"] = "retrying"
+                    return
+                wait_event, wait_key, wait_value = result.wait
+                run.row.update(
+                    phase=result.phase, due_at=result.due, wait_event=wait_event, wait_key=wait_key,
+                    wait_value=wait_value,
+                )
+                hist.update(outcome=result.outcome, detail=result.detail)
+                return
+            hist.update(
+                end_time=now, outcome=result.outcome, detail=result.detail[:500],
+                message_id=result.message_id or hist["message_id"], task_id=result.task_id or hist["task_id"],
+            )
+            run.row.update(wait_event=None, wait_key=None, wait_value=None, attempts=0)
+            if result.end:
+                self._end(run, "completed", result.end, now)
+                return
+            if not result.next:
+                self._end(run, "completed", "completed", now)
+                return
+            run.row.update(step_id=result.next, phase="enter", due_at=now)
+        # Still going after the guard: leave it due so the next batch continues from here.
+        run.row["due_at"] = now
+
+    async def _contact(self, run: Run) -> ContactInfo | None:
+        if run.contact is None:
+            run.contact = await self.effects.get_contact(str(run.workspace_id), run.contact_id)
+            if run.contact is not None:
+                run.row.update(phone=run.contact.phone, time_zone=run.contact.time_zone or run.row["time_zone"])
+        return run.contact
+
+    def _trigger_data(self, run: Run) -> dict[str, Any]:
+        return dict(run.row["trigger_event"].get("properties") or {})
+
+    def _since(self, run: Run) -> datetime:
+        ts = run.row["trigger_event"].get("timestamp")
+        if ts:
+            return datetime.fromisoformat(ts)
+        return run.row["enroll_time"]
+
+    async def _execute(self, run: Run, graph: Graph, step: pb.Step, kind: str, now: datetime) -> Hold | Move:
+        phase = run.row["phase"]
+        d = graph.definition
+        if kind == "wait":
+            if phase == "timer":
+                return Move(step.next, "done")
+            return Hold("timer", now + timing.parse_duration(step.wait.duration), "waiting")
+        if kind == "wait_until":
+            if phase == "timer":
+                return Move(step.next, "done")
+            contact = await self._contact(run)
+            tz = timing.zone(contact.time_zone if contact else run.row["time_zone"])
+            at = timing.next_time_of_day(
+                now, timing.parse_time_of_day(step.wait_until.time), [w.lower() for w in step.wait_until.weekdays], tz
+            )
+            return Move(step.next, "done") if at <= now else Hold("timer", at, "waiting")
+        if kind == "wait_for_event":
+            w = step.wait_for_event
+            if phase == "event_arrived":
+                return Move(w.on_event, "event")
+            if phase == "event":
+                return Move(w.on_timeout, "timeout")
+            value = self._trigger_data(run).get(w.match_key) if w.match_key else None
+            return Hold(
+                "event", now + timing.parse_duration(w.timeout), "waiting",
+                wait=(w.event.name, w.match_key or None, value),
+            )
+        if kind == "exit":
+            return Move("", "done", end="exit_step")
+        if kind == "split":
+            cohort = cohort_for(str(run.campaign_id), step.id, run.contact_id, step.split.cohorts)
+            run.row["cohorts"] = {**run.row["cohorts"], step.id: cohort.name}
+            return Move(cohort.next, cohort.name)
+        if kind == "branch":
+            ok = True
+            for c in step.branch.conditions:
+                if not await self._condition(run, c):
+                    ok = False
+                    break
+            return Move(step.branch.if_true if ok else step.branch.if_false, "true" if ok else "false")
+
+        contact = await self._contact(run)
+        if contact is None:
+            return Move("", "failed", "contact not found", end="contact_missing")
+        if kind in ("send_sms", "call_task"):
+            window = timing.Window.parse(d.send_window.start, d.send_window.end)
+            opening = window.next_opening(now, timing.zone(contact.time_zone or run.row["time_zone"]))
+            if opening > now:
+                return Hold("deferred", opening, "deferred", detail="outside the send window")
+        request_id = f"{run.id}:{step.id}:{run.visit}"
+        data = contact.template_data()
+        trigger = self._trigger_data(run)
+        if kind == "send_sms":
+            cap = d.frequency_cap
+            if cap.max_messages > 0:
+                since = now - timing.parse_duration(cap.period)
+                sent = await repository.sms_sent_count(
+                    self.pool, run.workspace_id, run.campaign_id, run.contact_id, since, exclude=(run.id, step.id, run.visit)
+                )
+                if sent + run.sends >= cap.max_messages:
+                    return Move(step.next, "skipped", "frequency cap reached")
+            body = template.parse(step.send_sms.body).render(data, trigger)
+            res = await self.effects.send_sms(
+                str(run.workspace_id), request_id=request_id, contact=contact, body=body,
+                transactional=step.send_sms.transactional, campaign_id=str(run.campaign_id),
+            )
+            if res.status == "retry":
+                return Hold("retry", None, "retrying", detail=res.detail)
+            if res.status == "failed":
+                return Move(step.next, "failed", res.detail)
+            run.sends += 1
+            return Move(step.next, "sent", res.detail, message_id=res.id)
+        if kind == "call_task":
+            ct = step.call_task
+            notes = template.parse(ct.notes).render(data, trigger) if ct.notes else ""
+            res = await self.effects.create_call_task(
+                str(run.workspace_id), request_id=request_id, contact=contact, queue=ct.queue or "default",
+                priority=ct.priority, notes=notes, campaign_id=str(run.campaign_id),
+            )
+            if res.status == "retry":
+                return Hold("retry", None, "retrying", detail=res.detail)
+            if res.status == "failed":
+                return Move(step.next, "failed", res.detail)
+            return Move(step.next, "created", task_id=res.id)
+        if kind == "set_property":
+            value = json_format.MessageToDict(step.set_property.value)
+            res = await self.effects.set_property(
+                str(run.workspace_id), request_id=request_id, contact=contact, key=step.set_property.key, value=value
+            )
+            if res.status == "retry":
+                return Hold("retry", None, "retrying", detail=res.detail)
+            return Move(step.next, "done" if res.status == "ok" else "failed", res.detail)
+        return Move("", "failed", f"unknown step kind {kind!r}", end="invalid_step")
+
+    async def _condition(self, run: Run, c: pb.Condition) -> bool:
+        kind = c.WhichOneof("kind")
+        if kind == "contact":
+            contact = await self._contact(run)
+            return contact is not None and conditions.matches(c.contact, contact.template_data())
+        if kind == "trigger":
+            return conditions.matches(c.trigger, self._trigger_data(run))
+        occ: pb.EventOccurrence = getattr(c, kind or "did_event")
+        events = await self.effects.events_since(str(run.workspace_id), run.contact_id, occ.name, self._since(run))
+        trigger = self._trigger_data(run)
+        found = any(
+            conditions.all_match(occ.conditions, props)
+            and (not occ.match_key or props.get(occ.match_key) == trigger.get(occ.match_key))
+            for props in events
+        )
+        return found if kind == "did_event" else not found
+
+    # ---------------------------------------------------------------------------------- events
+
+    async def handle_events(
+        self, events: Sequence[id_pb.StoredEvent], cursor_before: str, cursor_after: str
+    ) -> int:
+        """Enroll, exit, wake and convert from one batch of the stream; commit with the cursor.
+
+        Returns the number of new enrollments. Raises repository.CursorMoved when another
+        consumer advanced the cursor first (nothing of this batch is then committed).
+        """
+        now = self.clock.now()
+        with_contact = [e for e in events if e.contact_id]
+        plan = _Plan()
+        if with_contact:
+            await self._plan(with_contact, now, plan)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await repository.apply_plan(conn, plan, now)
+            await repository.advance_cursor(conn, CONSUMER, cursor_before, cursor_after)
+            if plan.enrollments or plan.wakes:
+                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        self.events_seen += len(events)
+        if plan.enrollments or plan.wakes:
+            self.wake()
+        return len(plan.enrollments)
+
+    async def _plan(self, events: Sequence[id_pb.StoredEvent], now: datetime, plan: _Plan) -> None:
+        live = await repository.live_campaigns(self.pool)
+        by_ws: dict[str, list[tuple[str, int]]] = {}
+        for r in live:
+            by_ws.setdefault(str(r["workspace_id"]), []).append((str(r["id"]), r["live_version"]))
+        pairs = sorted({(e.workspace_id, e.contact_id) for e in events})
+        existing = await repository.contact_enrollments(self.pool, pairs, now - timedelta(days=400))
+        # (ws, contact) -> enrollments (newest first) as mutable dicts.
+        known: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in existing:
+            known.setdefault((str(r["workspace_id"]), r["contact_id"]), []).append(dict(r))
+        contacts: dict[tuple[str, str], ContactInfo | None] = {}
+
+        for se in events:
+            ev = se.event
+            data = event_data(ev)
+            key = (se.workspace_id, se.contact_id)
+            mine = known.get(key, [])
+            await self._effects_on_existing(se, ev, data, mine, now, plan)
+            for campaign_id, version in by_ws.get(se.workspace_id, []):
+                graph = await self.graph(se.workspace_id, campaign_id, version)
+                if graph is None or not await self._triggers(graph, ev, data, se, contacts):
+                    continue
+                ours = [e for e in mine if str(e["campaign_id"]) == campaign_id]
+                if not _may_enter(graph.definition.re_entry, ours, now):
+                    continue
+                contact = contacts.get(key)
+                if contact is None:
+                    continue
+                if not conditions.all_match(graph.definition.audience, contact.template_data()):
+                    continue
+                row = {
+                    "workspace_id": se.workspace_id, "id": str(uuid.uuid4()), "campaign_id": campaign_id,
+                    "version": version, "contact_id": se.contact_id, "state": "active", "step_id": graph.start,
+                    "enroll_time": now, "end_time": None, "conversion_time": None, "phone": contact.phone,
+                    "time_zone": contact.time_zone, "trigger_event": _trigger_json(ev, data),
+                    "phase": "enter", "wait_event": None, "wait_key": None, "wait_value": None,
+                }
+                plan.enrollments.append(row)
+                mine.insert(0, row)
+                known[key] = mine
+
+    async def _triggers(
+        self, graph: Graph, ev: event_pb2.Event, data: dict[str, Any], se: id_pb.StoredEvent,
+        contacts: dict[tuple[str, str], ContactInfo | None],
+    ) -> bool:
+        trig = graph.definition.trigger
+        kind = trig.WhichOneof("kind")
+        identify = ev.type == event_pb2.EVENT_TYPE_IDENTIFY
+        if kind == "event":
+            hit = not identify and matcher_matches(trig.event, ev, data)
+        elif kind == "property_change":
+            pc = trig.property_change
+            traits = json_format.MessageToDict(ev.traits)
+            hit = identify and pc.key in traits and all(
+                conditions.matches(_keyed(f, pc.key), traits) for f in pc.conditions
+            )
+        elif kind == "audience_entry":
+            traits = json_format.MessageToDict(ev.traits)
+            keys = {f.key.split(".")[0] for f in graph.definition.audience}
+            hit = identify and bool(keys & set(traits))
+        else:
+            hit = False
+        if hit:
+            key = (se.workspace_id, se.contact_id)
+            if key not in contacts:
+                contacts[key] = await self.effects.get_contact(se.workspace_id, se.contact_id)
+        return hit
+
+    async def _effects_on_existing(
+        self, se: id_pb.StoredEvent, ev: event_pb2.Event, data: dict[str, Any], mine: list[dict[str, Any]],
+        now: datetime, plan: _Plan,
+    ) -> None:
+        if ev.name in DELIVERY_EVENTS and data.get("message_id"):
+            plan.deliveries.append((se.workspace_id, str(data["message_id"]), DELIVERY_EVENTS[ev.name]))
+        if ev.name in TASK_DONE_EVENTS and data.get("task_id"):
+            plan.tasks_done.append((se.workspace_id, str(data["task_id"])))
+        for e in mine:
+            graph = await self.graph(se.workspace_id, str(e["campaign_id"]), e["version"])
+            if graph is None:
+                continue
+            d = graph.definition
+            if e["conversion_time"] is None and d.HasField("goal") and matcher_matches(d.goal.event, ev, data):
+                window = timing.parse_duration(d.goal.window) if d.goal.window else DEFAULT_GOAL_WINDOW
+                if now - e["enroll_time"] <= window:
+                    e["conversion_time"] = now
+                    plan.conversions.append((se.workspace_id, str(e["id"])))
+            if e["state"] != "active":
+                continue
+            exit_match = next((m for m in d.exit_events if matcher_matches(m, ev, data)), None)
+            if exit_match is not None:
+                e["state"] = "exited"
+                plan.exits.append((se.workspace_id, str(e["id"]), f"exit_event:{exit_match.name}"))
+                continue
+            if e["phase"] == "event" and e["wait_event"] == ev.name:
+                step = graph.steps.get(e["step_id"])
+                if step is None or kind_of(step) != "wait_for_event":
+                    continue
+                w = step.wait_for_event
+                if not conditions.all_match(w.event.conditions, data):
+                    continue
+                if e["wait_key"] and data.get(e["wait_key"]) != e["wait_value"]:
+                    continue
+                e["phase"] = "event_arrived"
+                plan.wakes.append((se.workspace_id, str(e["id"])))
+
+    # ---------------------------------------------------------------------------------- stream
+
+    async def consume(self, subscribe: Callable[[str], Any], *, lock_retry: float = 1.0) -> None:
+        """Consume the stream forever as the single active consumer (a Postgres advisory lock)."""
+        while True:
+            try:
+                async with self.pool.acquire() as lock_conn:
+                    got = await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", _consumer_lock_key())
+                    if not got:
+                        await asyncio.sleep(lock_retry)
+                        continue
+                    try:
+                        await self._consume_from_cursor(subscribe)
+                    finally:
+                        await lock_conn.execute("SELECT pg_advisory_unlock($1)", _consumer_lock_key())
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, repository.CursorMoved, OSError, asyncpg.PostgresError) as exc:
+                log.warning("event_stream_interrupted", error=repr(exc))
+                await asyncio.sleep(lock_retry)
+
+    async def _consume_from_cursor(self, subscribe: Callable[[str], Any]) -> None:
+        cursor = await repository.get_cursor(self.pool, CONSUMER)
+        stream = subscribe(cursor)
+        try:
+            async for resp in stream:
+                await self.handle_events(resp.events, cursor, resp.cursor)
+                cursor = resp.cursor
+        finally:
+            stream.cancel()
+
+
+@dataclass
+class _Plan:
+    enrollments: list[dict[str, Any]] = field(default_factory=list)
+    exits: list[tuple[str, str, str]] = field(default_factory=list)
+    wakes: list[tuple[str, str]] = field(default_factory=list)
+    conversions: list[tuple[str, str]] = field(default_factory=list)
+    deliveries: list[tuple[str, str, str]] = field(default_factory=list)
+    tasks_done: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _consumer_lock_key() -> int:
+    return int.from_bytes(hashlib.sha256(b"parley-campaign-consumer").digest()[:8], "big") >> 1
+
+
+def _keyed(f: Any, key: str) -> Any:
+    if f.key:
+        return f
+    copy = type(f)()
+    copy.CopyFrom(f)
+    copy.key = key
+    return copy
+
+
+def _trigger_json(ev: event_pb2.Event, data: dict[str, Any]) -> dict[str, Any]:
+    ts = ev.timestamp.ToDatetime(tzinfo=UTC).isoformat() if ev.HasField("timestamp") else ""
+    return {"name": ev.name, "message_id": ev.message_id, "properties": data, "timestamp": ts}
+
+
+def _may_enter(re_entry: pb.ReEntry, previous: list[dict[str, Any]], now: datetime) -> bool:
+    """Re-entry policy over the contact's previous enrollments in this campaign (newest first)."""
+    if not previous:
+        return True
+    if any(e["state"] == "active" for e in previous):
+        return False
+    policy = re_entry.policy
+    if policy == pb.RE_ENTRY_POLICY_ANY_TIME:
+        return True
+    if policy == pb.RE_ENTRY_POLICY_AFTER_COOLDOWN:
+        last = previous[0]
+        ended = last.get("end_time") or last["enroll_time"]
+        return now >= ended + timing.parse_duration(re_entry.cooldown)
+    return False
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until true (tests and tools waiting on the background loops)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+__all__ = ["Engine", "cohort_for", "json"]

@@ -1,0 +1,75 @@
+"""The campaign service as the chassis runs it: servicer, event consumer and timer loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from parley.campaign.v1 import campaign_service_pb2, campaign_service_pb2_grpc
+from parley.identity.v1 import identity_service_pb2 as id_pb
+
+from services.campaign.clock import Clock, SystemClock
+from services.campaign.effects import Effects, GrpcEffects
+from services.campaign.engine import NOTIFY_CHANNEL, Engine
+from services.campaign.servicer import CampaignServicer
+from services.common.server import Runtime, ServiceModule
+
+# How often each replica polls for due timers when nothing wakes it (NOTIFY does, sooner).
+POLL_SECONDS = 0.25
+TIMER_WORKERS = 4
+
+
+def make_module(
+    *, clock: Clock | None = None, run_timers: bool = True, consume: bool = True, effects: Effects | None = None
+) -> ServiceModule:
+    """The module; tests pass a manual clock and run timers themselves with ``engine.run_due()``."""
+    engine_clock = clock or SystemClock()
+
+    def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
+        fx = effects or GrpcEffects(rt.settings, rt.internal_token)
+        engine = Engine(rt.pool, fx, engine_clock)
+        rt.state["engine"] = engine
+        rt.state["effects"] = fx
+        campaign_service_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(rt.pool, engine), server)
+        return [campaign_service_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name]
+
+    async def on_start(rt: Runtime) -> None:
+        engine: Engine = rt.state["engine"]
+        fx = rt.state["effects"]
+        if isinstance(fx, GrpcEffects):
+            rt.on_stop(fx.close)
+        if run_timers:
+            listener = await rt.pool.acquire()
+
+            def _notified(*_: Any) -> None:
+                engine.wake()
+
+            await listener.add_listener(NOTIFY_CHANNEL, _notified)
+
+            async def _release() -> None:
+                await listener.remove_listener(NOTIFY_CHANNEL, _notified)
+                await rt.pool.release(listener)
+
+            rt.on_stop(_release)
+            rt.spawn(engine.timer_loop(TIMER_WORKERS, POLL_SECONDS), name="campaign-timers")
+        if consume and isinstance(fx, GrpcEffects):
+            identity = fx.identity
+            md = fx.md(None)
+
+            def subscribe(cursor: str) -> Any:
+                return identity.SubscribeEvents(id_pb.SubscribeEventsRequest(cursor=cursor), metadata=md)
+
+            rt.spawn(engine.consume(subscribe), name="campaign-events")
+
+    return ServiceModule(
+        name="campaign",
+        migrations=Path(__file__).parent / "migrations",
+        register=register,
+        on_start=on_start,
+        port_setting="campaign_port",
+    )
+
+
+MODULE = make_module()

@@ -1,0 +1,88 @@
+"""Template rendering, condition operators, send windows and wait_until in contacts' time zones."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from google.protobuf import struct_pb2
+
+from parley.common.v1 import contact_pb2
+from services.campaign import conditions, template, timing
+
+Op = contact_pb2.FilterOperator
+
+
+def test_render_fields_defaults_and_filters() -> None:
+    t = template.parse('Hi {{ contact.first_name|default:"there" }}, your cart {{event.cart_id|upper}} awaits')
+    assert t.render({"first_name": "Ana"}, {"cart_id": "c9"}) == "Hi Ana, your cart C9 awaits"
+    assert t.render({}, {}) == "Hi there, your cart  awaits"
+    assert template.parse("{{contact.address.city}}").render({"address": {"city": "Reno"}}, {}) == "Reno"
+    assert template.parse("{{event.amount}}").render({}, {"amount": 2500.0}) == "2500"
+
+
+@pytest.mark.parametrize("bad", ["{{", "}} x", "{{contact}}", "{{ other.x }}", "{{contact.x|nope}}",
+                                 "{{contact.x|default}}", "{{}}"])
+def test_bad_templates(bad: str) -> None:
+    with pytest.raises(template.TemplateError):
+        template.parse(bad)
+
+
+def _f(key: str, op: int, value: object = None) -> contact_pb2.PropertyFilter:
+    f = contact_pb2.PropertyFilter(key=key, operator=op)  # type: ignore[arg-type]
+    if value is not None:
+        v = struct_pb2.Value()
+        if isinstance(value, list):
+            v.list_value.extend(value)
+        elif isinstance(value, str):
+            v.string_value = value
+        else:
+            v.number_value = float(value)  # type: ignore[arg-type]
+        f.value.CopyFrom(v)
+    return f
+
+
+def test_operators() -> None:
+    props = {"age": 30, "name": "Ana Lopez", "tags": ["vip", "loan"], "state": "CA"}
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_EQ, 30), props)
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_GT, 29), props)
+    assert not conditions.matches(_f("age", Op.FILTER_OPERATOR_LT, 30), props)
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_LTE, 30), props)
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_GTE, 30), props)
+    assert conditions.matches(_f("state", Op.FILTER_OPERATOR_NEQ, "NY"), props)
+    assert conditions.matches(_f("name", Op.FILTER_OPERATOR_CONTAINS, "lopez"), props)
+    assert conditions.matches(_f("tags", Op.FILTER_OPERATOR_CONTAINS, "vip"), props)
+    assert conditions.matches(_f("state", Op.FILTER_OPERATOR_IN, ["CA", "NY"]), props)
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_EXISTS), props)
+    assert conditions.matches(_f("missing", Op.FILTER_OPERATOR_NOT_EXISTS), props)
+    assert not conditions.matches(_f("missing", Op.FILTER_OPERATOR_EQ, 1), props)
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "America/Los_Angeles", "Europe/London"])
+def test_a_trigger_at_23_local_opens_at_8_next_morning(zone: str) -> None:
+    tz = ZoneInfo(zone)
+    now = datetime(2026, 3, 10, 23, 0, tzinfo=tz).astimezone(UTC)
+    opening = timing.Window.parse("", "").next_opening(now, tz)
+    assert opening.astimezone(tz) == datetime(2026, 3, 11, 8, 0, tzinfo=tz)
+    early = datetime(2026, 3, 10, 6, 30, tzinfo=tz).astimezone(UTC)
+    assert timing.Window.parse("", "").next_opening(early, tz).astimezone(tz).hour == 8
+    inside = datetime(2026, 3, 10, 12, 0, tzinfo=tz).astimezone(UTC)
+    assert timing.Window.parse("", "").next_opening(inside, tz) == inside
+
+
+def test_wait_until_next_allowed_weekday() -> None:
+    tz = ZoneInfo("America/Chicago")
+    friday_noon = datetime(2026, 11, 27, 12, 0, tzinfo=tz)  # a Friday
+    got = timing.next_time_of_day(friday_noon.astimezone(UTC), timing.parse_time_of_day("10:00"), ["mon"], tz)
+    assert got.astimezone(tz) == datetime(2026, 11, 30, 10, 0, tzinfo=tz)
+    got = timing.next_time_of_day(friday_noon.astimezone(UTC), timing.parse_time_of_day("13:00"), [], tz)
+    assert got.astimezone(tz) == datetime(2026, 11, 27, 13, 0, tzinfo=tz)
+
+
+def test_durations() -> None:
+    assert timing.parse_duration("1h30m").total_seconds() == 5400
+    assert timing.parse_duration("1w").days == 7
+    for bad in ["", "5", "1x", "m", "-1m"]:
+        with pytest.raises(ValueError):
+            timing.parse_duration(bad)
