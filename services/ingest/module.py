@@ -13,6 +13,7 @@ from parley.ingest.v1.ingest_service_pb2_grpc import add_IngestServiceServicer_t
 from services.common.clients import channel
 from services.common.server import Runtime, ServiceModule
 from services.ingest import http
+from services.ingest.forward import Forwarder
 from services.ingest.normalize import Limits
 from services.ingest.pipeline import Ingestor
 from services.ingest.servicer import IngestServicer
@@ -25,10 +26,10 @@ def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
         await identity.close()
 
     rt.on_stop(close_identity)
-    ingestor = Ingestor(
-        IdentityServiceStub(identity), rt.internal_token, Limits(max_event_bytes=rt.settings.max_event_bytes)
-    )
+    forwarder = Forwarder(IdentityServiceStub(identity), rt.internal_token)
+    ingestor = Ingestor(forwarder, Limits(max_event_bytes=rt.settings.max_event_bytes))
     rt.state["ingestor"] = ingestor
+    rt.state["forwarder"] = forwarder
     add_IngestServiceServicer_to_server(IngestServicer(ingestor, rt.settings.max_batch_bytes), server)
     return [ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
 

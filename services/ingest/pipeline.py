@@ -4,32 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import grpc
-import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldViolation
-from parley.identity.v1.identity_service_pb2 import RecordEventsRequest
-from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
 
-from services.common.clients import internal_metadata
 from services.common.context import Workspace
-from services.common.errors import ParleyError, Unavailable, Violation
+from services.common.errors import Violation
+from services.ingest.forward import MAX_FORWARD, Forwarder
 from services.ingest.normalize import Limits, normalize_event
-
-log = structlog.get_logger(__name__)
-
-# identity's RecordEvents takes at most this many events per call.
-FORWARD_CHUNK = 1000
-# Statuses after which the batch is known not to be committed and a retry can succeed.
-_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
 
 # (index of the event in the caller's numbering, the event, field relative to it) -> field path.
 Namer = Callable[[int, Event, str], str]
@@ -53,18 +34,12 @@ def single_namer(prefix: str) -> Namer:
     return name
 
 
-class IdentityFailed(ParleyError):
-    """identity answered with an error that a retry will not fix; nothing was acked."""
-
-
 class Ingestor:
     """Turns client events into committed, deduplicated events in identity."""
 
-    def __init__(self, identity: IdentityServiceStub, token: str, limits: Limits, timeout: float = 30.0) -> None:
-        self._identity = identity
-        self._token = token
+    def __init__(self, forwarder: Forwarder, limits: Limits) -> None:
+        self._forwarder = forwarder
         self.limits = limits
-        self._timeout = timeout
 
     async def ingest(
         self,
@@ -116,8 +91,8 @@ class Ingestor:
             forward_slots.append(slot)
 
         committed: list[EventResult] = []
-        for start in range(0, len(forward), FORWARD_CHUNK):
-            committed.extend(await self._record(forward[start : start + FORWARD_CHUNK], workspace))
+        for start in range(0, len(forward), MAX_FORWARD):
+            committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
         for position, result in enumerate(committed):
             slot = forward_slots[position]
             result.index = base_index + slot
@@ -130,23 +105,6 @@ class Ingestor:
                 contact_id=committed[position].contact_id,
             )
         return [r for r in results if r is not None]
-
-    async def _record(self, events: list[Event], workspace: Workspace) -> list[EventResult]:
-        try:
-            response = await self._identity.RecordEvents(
-                RecordEventsRequest(events=events),
-                metadata=internal_metadata(self._token, workspace.id),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() in _RETRYABLE:
-                log.warning("identity_unavailable", code=err.code().name, events=len(events))
-                raise Unavailable("identity is unavailable; the events were not stored, retry") from err
-            log.error("identity_failed", code=err.code().name, detail=err.details(), events=len(events))
-            raise IdentityFailed(f"events could not be stored ({err.code().name})") from err
-        if len(response.results) != len(events):
-            raise IdentityFailed("identity answered with a result count that does not match")
-        return list(response.results)
 
 
 def violations_of_result(result: EventResult) -> list[Violation]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -111,3 +112,20 @@ async def test_stream_reports_every_event_with_stream_indexes(stack: Stack) -> N
     assert (response.accepted_count, response.rejected_count) == (12, 1)
     assert [v.field for v in response.results[12].violations] == ["events[12].name"]
     assert len(await user_events(stack, user)) == 12
+
+
+async def test_concurrent_single_events_share_identity_calls(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    forwarder = stack.ingest.runtime.state["forwarder"]
+    calls_before = forwarder.calls
+    responses = await asyncio.gather(
+        *(
+            stack.stub.Track(
+                pb.TrackRequest(event=track(f"C{i}", user_id=user, message_id=f"{user}-{i}")), metadata=stack.md
+            )
+            for i in range(64)
+        )
+    )
+    assert all(r.result.status == ACCEPTED for r in responses)
+    assert forwarder.calls - calls_before < 64
+    assert len(await user_events(stack, user)) == 64
