@@ -79,7 +79,7 @@ class TwilioProvider:
         max_connections: int = 128,
     ) -> None:
         self.account_sid = account_sid
-        self._auth = aiohttp.BasicAuth(account_sid, auth_token)
+        self._headers = {"Authorization": aiohttp.encode_basic_auth(account_sid, auth_token)}
         self._from = from_number
         self._url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -100,7 +100,7 @@ class TwilioProvider:
         else:
             form["From"] = self._from
         try:
-            async with self._client().post(self._url, data=form, auth=self._auth) as resp:
+            async with self._client().post(self._url, data=form, headers=self._headers) as resp:
                 payload = await _json(resp)
                 if resp.status in (200, 201):
                     return SendResult(ACCEPTED, provider_message_id=str(payload.get("sid", "")))

@@ -10,11 +10,11 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from twilio.request_validator import RequestValidator
-
 from parley.messaging.v1 import agent_service_pb2_grpc as agrpc
 from parley.messaging.v1 import messaging_service_pb2 as pb
 from parley.messaging.v1 import messaging_service_pb2_grpc as mgrpc
+from twilio.request_validator import RequestValidator
+
 from services.common.clients import key_metadata
 from services.common.context import Workspace
 from services.common.server import RunningServer, start
@@ -127,8 +127,16 @@ class Stack:
         return await self.webhook("inbound", params, **kw)
 
     async def status(self, sid: str, status: str, error_code: str = "", **kw: Any) -> tuple[int, str]:
-        params = {"MessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID, "MessageStatus": status,
-                  "SmsStatus": status, "To": "+12125550100", "From": FROM_NUMBER, "ApiVersion": "2010-04-01"}
+        params = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": ACCOUNT_SID,
+            "MessageStatus": status,
+            "SmsStatus": status,
+            "To": "+12125550100",
+            "From": FROM_NUMBER,
+            "ApiVersion": "2010-04-01",
+        }
         if error_code:
             params["ErrorCode"] = error_code
         return await self.webhook("status", params, **kw)

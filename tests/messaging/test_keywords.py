@@ -29,7 +29,7 @@ from services.messaging.keywords import Intent, classify, normalize_reply
         ("Opt me out", Intent.OPT_OUT_PHRASE),
         ("I revoke my consent", Intent.OPT_OUT_PHRASE),
         ("don't text me again", Intent.OPT_OUT_PHRASE),
-        ("Don’t message me", Intent.OPT_OUT_PHRASE),
+        ("Don\u2019t message me", Intent.OPT_OUT_PHRASE),
         ("no more texts please", Intent.OPT_OUT_PHRASE),
         ("remove me from your list", Intent.OPT_OUT_PHRASE),
         ("Stop it", Intent.OPT_OUT_PHRASE),

@@ -74,7 +74,12 @@ class TwilioStandIn:
 
     def _error(self, status: int, code: int, message: str) -> web.Response:
         return web.json_response(
-            {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status},
+            {
+                "code": code,
+                "message": message,
+                "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                "status": status,
+            },
             status=status,
         )
 
