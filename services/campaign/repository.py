@@ -57,13 +57,13 @@ async def create_campaign(
     async with pool.acquire() as conn, conn.transaction():
         if request_id:
             prior = await conn.fetchrow(
-                f"SELECT {_CAMPAIGN_COLS} FROM campaigns WHERE workspace_id = $1 AND request_id = $2", ws, request_id
+                f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND request_id = $2", ws, request_id
             )
             if prior is not None:
                 return prior
         try:
             row = await conn.fetchrow(
-                f"""INSERT INTO campaigns (workspace_id, id, name, description, draft, request_id)
+                f"""INSERT INTO campaign.campaigns (workspace_id, id, name, description, draft, request_id)
                     VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''))
                     RETURNING {_CAMPAIGN_COLS}""",
                 ws, uuid.uuid4(), name, description, draft, request_id,
@@ -71,7 +71,7 @@ async def create_campaign(
         except asyncpg.UniqueViolationError as exc:
             if "request_id" in str(exc.constraint_name or ""):
                 return await conn.fetchrow(
-                    f"SELECT {_CAMPAIGN_COLS} FROM campaigns WHERE workspace_id = $1 AND request_id = $2",
+                    f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND request_id = $2",
                     ws, request_id,
                 )
             raise AlreadyExists(f"a campaign named {name!r} already exists") from None
@@ -81,7 +81,7 @@ async def create_campaign(
 
 async def get_campaign(conn: Conn, ws: str, campaign_id: str, *, lock: bool = False) -> asyncpg.Record:
     row = await conn.fetchrow(
-        f"SELECT {_CAMPAIGN_COLS} FROM campaigns WHERE workspace_id = $1 AND id = $2"
+        f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND id = $2"
         + (" FOR UPDATE" if lock else ""),
         ws, _uuid(campaign_id, "campaign_id"),
     )
@@ -99,7 +99,7 @@ async def update_campaign(
             raise FailedPrecondition("an archived campaign cannot change")
         try:
             row = await conn.fetchrow(
-                f"""UPDATE campaigns SET name = $3, description = $4, draft = $5, update_time = now()
+                f"""UPDATE campaign.campaigns SET name = $3, description = $4, draft = $5, update_time = now()
                     WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
                 ws, current["id"], name or current["name"], description, draft,
             )
@@ -116,11 +116,11 @@ async def publish(pool: asyncpg.Pool, ws: str, campaign_id: str, definition: dic
             raise FailedPrecondition("an archived campaign cannot be published")
         version = current["live_version"] + 1
         await conn.execute(
-            "INSERT INTO campaign_versions (workspace_id, campaign_id, version, definition) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO campaign.campaign_versions (workspace_id, campaign_id, version, definition) VALUES ($1, $2, $3, $4)",
             ws, current["id"], version, definition,
         )
         row = await conn.fetchrow(
-            f"""UPDATE campaigns SET live_version = $3, publish_time = now(), update_time = now(),
+            f"""UPDATE campaign.campaigns SET live_version = $3, publish_time = now(), update_time = now(),
                        state = CASE WHEN state = 'draft' THEN 'live' ELSE state END
                 WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
             ws, current["id"], version,
@@ -137,24 +137,24 @@ async def change_state(
         if current["state"] not in allowed:
             raise FailedPrecondition(f"campaign is {current['state']}; this needs it {' or '.join(allowed)}")
         row = await conn.fetchrow(
-            f"""UPDATE campaigns SET state = $3, update_time = now()
+            f"""UPDATE campaign.campaigns SET state = $3, update_time = now()
                 WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
             ws, current["id"], to,
         )
         if to == "paused":
             await conn.execute(
-                "UPDATE enrollments SET paused = true WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
+                "UPDATE campaign.enrollments SET paused = true WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
                 ws, current["id"],
             )
         elif to == "live":
             await conn.execute(
-                "UPDATE enrollments SET paused = false WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
+                "UPDATE campaign.enrollments SET paused = false WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
                 ws, current["id"],
             )
             await conn.execute("SELECT pg_notify('campaign_due', '')")
         elif to == "archived":
             ids = await conn.fetch(
-                """UPDATE enrollments SET state = 'exited', exit_reason = 'archived', end_time = $3, due_at = NULL,
+                """UPDATE campaign.enrollments SET state = 'exited', exit_reason = 'archived', end_time = $3, due_at = NULL,
                           phase = 'done'
                    WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active' RETURNING id""",
                 ws, current["id"], now,
@@ -169,9 +169,9 @@ async def list_campaigns(
 ) -> tuple[list[asyncpg.Record], str]:
     after_time, after_id = decode_token(page_token, 2) if page_token else ("infinity", str(uuid.UUID(int=0)))
     rows = await pool.fetch(
-        f"""SELECT {_CAMPAIGN_COLS} FROM campaigns
+        f"""SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns
             WHERE workspace_id = $1 AND ($2 = '' OR name = $2) AND ($3 = '' OR state = $3)
-              AND ($4 = '' OR (create_time, id) < ($5::timestamptz, $6::uuid))
+              AND ($4 = '' OR (create_time, id) < ($5::text::timestamptz, $6::text::uuid))
             ORDER BY create_time DESC, id DESC LIMIT $7""",
         ws, name, state, page_token, after_time, after_id, page_size + 1,
     )
@@ -184,13 +184,13 @@ async def list_campaigns(
 
 async def get_version(conn: Conn, ws: str, campaign_id: str, version: int) -> dict[str, Any] | None:
     return await conn.fetchval(
-        "SELECT definition FROM campaign_versions WHERE workspace_id = $1 AND campaign_id = $2 AND version = $3",
+        "SELECT definition FROM campaign.campaign_versions WHERE workspace_id = $1 AND campaign_id = $2 AND version = $3",
         uuid.UUID(str(ws)), uuid.UUID(str(campaign_id)), version,
     )
 
 
 async def live_campaigns(conn: Conn) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT workspace_id, id, live_version FROM campaigns WHERE state = 'live'")
+    return await conn.fetch("SELECT workspace_id, id, live_version FROM campaign.campaigns WHERE state = 'live'")
 
 
 # ---------------------------------------------------------------------------------- the timer queue
@@ -203,7 +203,7 @@ _ENROLLMENT_COLS = """workspace_id, id, campaign_id, version, contact_id, state,
 async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
     """Lock up to ``limit`` due enrollments for this transaction; rows other replicas hold are skipped."""
     return await conn.fetch(
-        f"""SELECT {_ENROLLMENT_COLS} FROM enrollments
+        f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments
             WHERE state = 'active' AND NOT paused AND due_at <= $1
             ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
         now, limit,
@@ -213,7 +213,7 @@ async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list
 async def save_runs(conn: asyncpg.Connection, rows: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
     """Write back advanced enrollments and their step visits, set-based."""
     await conn.execute(
-        """UPDATE enrollments e SET state = u.state, step_id = u.step_id, visit = u.visit, phase = u.phase,
+        """UPDATE campaign.enrollments e SET state = u.state, step_id = u.step_id, visit = u.visit, phase = u.phase,
                   due_at = u.due_at, wait_event = u.wait_event, wait_key = u.wait_key,
                   wait_value = u.wait_value::jsonb, visits = u.visits::jsonb, cohorts = u.cohorts::jsonb,
                   phone = u.phone, time_zone = u.time_zone, attempts = u.attempts, end_time = u.end_time,
@@ -234,7 +234,7 @@ async def save_runs(conn: asyncpg.Connection, rows: list[dict[str, Any]], histor
     )
     if history:
         await conn.execute(
-            """INSERT INTO step_history AS h (workspace_id, enrollment_id, step_id, visit, campaign_id, version, kind,
+            """INSERT INTO campaign.step_history AS h (workspace_id, enrollment_id, step_id, visit, campaign_id, version, kind,
                                          enter_time, end_time, outcome, detail, message_id, task_id)
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::int[], $7::text[],
                                     $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
@@ -255,7 +255,7 @@ async def sms_sent_count(
 ) -> int:
     """SMS this campaign sent the contact since ``since`` (the frequency cap's count)."""
     return await conn.fetchval(
-        """SELECT count(*) FROM step_history h JOIN enrollments e
+        """SELECT count(*) FROM campaign.step_history h JOIN campaign.enrollments e
                  ON e.workspace_id = h.workspace_id AND e.id = h.enrollment_id
            WHERE h.workspace_id = $1 AND h.campaign_id = $2 AND e.contact_id = $3 AND h.kind = 'send_sms'
              AND h.outcome = 'sent' AND h.end_time >= $4
@@ -268,7 +268,7 @@ async def _close_pending(conn: asyncpg.Connection, ids: list[tuple[Any, Any]], n
     if not ids:
         return
     await conn.execute(
-        """UPDATE step_history h SET end_time = $3, outcome = $4
+        """UPDATE campaign.step_history h SET end_time = $3, outcome = $4
            FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
            WHERE h.workspace_id = u.workspace_id AND h.enrollment_id = u.id AND h.end_time IS NULL""",
         [i[0] for i in ids], [i[1] for i in ids], now, outcome,
@@ -283,11 +283,11 @@ async def contact_enrollments(conn: Conn, pairs: Sequence[tuple[str, str]], sinc
     if not pairs:
         return []
     return await conn.fetch(
-        f"""SELECT {_ENROLLMENT_COLS} FROM enrollments e
+        f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments e
             JOIN unnest($1::uuid[], $2::text[]) AS p(workspace_id, contact_id)
               ON e.workspace_id = p.workspace_id AND e.contact_id = p.contact_id
             WHERE e.state = 'active' OR e.enroll_time >= $3
-               OR e.id IN (SELECT DISTINCT ON (campaign_id) id FROM enrollments x
+               OR e.id IN (SELECT DISTINCT ON (campaign_id) id FROM campaign.enrollments x
                            WHERE x.workspace_id = p.workspace_id AND x.contact_id = p.contact_id
                            ORDER BY campaign_id, enroll_time DESC)
             ORDER BY e.enroll_time DESC""",
@@ -302,7 +302,7 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
         # The partial unique index keeps one active enrollment per contact per campaign even
         # against a concurrent writer: a conflicting row is simply not enrolled.
         await conn.execute(
-            """INSERT INTO enrollments (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at,
+            """INSERT INTO campaign.enrollments (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at,
                                         trigger_event, phone, time_zone, enroll_time)
                SELECT u.workspace_id, u.id, u.campaign_id, u.version, u.contact_id, u.step_id, 'enter', u.enroll_time,
                       u.trigger_event::jsonb, u.phone, u.time_zone, u.enroll_time
@@ -318,7 +318,7 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
         )
     if plan.exits:
         rows = await conn.fetch(
-            """UPDATE enrollments e SET state = 'exited', exit_reason = u.reason, end_time = $4, due_at = NULL,
+            """UPDATE campaign.enrollments e SET state = 'exited', exit_reason = u.reason, end_time = $4, due_at = NULL,
                       phase = 'done'
                FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS u(workspace_id, id, reason)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.state = 'active'
@@ -328,28 +328,28 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
         await _close_pending(conn, [(r["workspace_id"], r["id"]) for r in rows], now, "exited")
     if plan.wakes:
         await conn.execute(
-            """UPDATE enrollments e SET phase = 'event_arrived', due_at = $3
+            """UPDATE campaign.enrollments e SET phase = 'event_arrived', due_at = $3
                FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.state = 'active' AND e.phase = 'event'""",
             [x[0] for x in plan.wakes], [x[1] for x in plan.wakes], now,
         )
     if plan.conversions:
         await conn.execute(
-            """UPDATE enrollments e SET conversion_time = $3
+            """UPDATE campaign.enrollments e SET conversion_time = $3
                FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.conversion_time IS NULL""",
             [x[0] for x in plan.conversions], [x[1] for x in plan.conversions], now,
         )
     if plan.deliveries:
         await conn.execute(
-            """UPDATE step_history h SET delivery = u.delivery
+            """UPDATE campaign.step_history h SET delivery = u.delivery
                FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(workspace_id, message_id, delivery)
                WHERE h.workspace_id = u.workspace_id AND h.message_id = u.message_id""",
             [x[0] for x in plan.deliveries], [x[1] for x in plan.deliveries], [x[2] for x in plan.deliveries],
         )
     if plan.tasks_done:
         await conn.execute(
-            """UPDATE step_history h SET task_completed = true
+            """UPDATE campaign.step_history h SET task_completed = true
                FROM unnest($1::uuid[], $2::text[]) AS u(workspace_id, task_id)
                WHERE h.workspace_id = u.workspace_id AND h.task_id = u.task_id""",
             [x[0] for x in plan.tasks_done], [x[1] for x in plan.tasks_done],
@@ -357,20 +357,20 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
 
 
 async def get_cursor(conn: Conn, consumer: str) -> str:
-    await conn.execute("INSERT INTO stream_cursors (consumer) VALUES ($1) ON CONFLICT DO NOTHING", consumer)
-    return await conn.fetchval("SELECT cursor FROM stream_cursors WHERE consumer = $1", consumer)
+    await conn.execute("INSERT INTO campaign.stream_cursors (consumer) VALUES ($1) ON CONFLICT DO NOTHING", consumer)
+    return await conn.fetchval("SELECT cursor FROM campaign.stream_cursors WHERE consumer = $1", consumer)
 
 
 async def advance_cursor(conn: asyncpg.Connection, consumer: str, before: str, after: str) -> None:
     """Compare-and-set: only the consumer that read ``before`` may move the cursor on."""
     done = await conn.fetchval(
-        """UPDATE stream_cursors SET cursor = $3, update_time = now()
+        """UPDATE campaign.stream_cursors SET cursor = $3, update_time = now()
            WHERE consumer = $1 AND cursor = $2 RETURNING 1""",
         consumer, before, after,
     )
     if done is None:
         inserted = await conn.fetchval(
-            "INSERT INTO stream_cursors (consumer, cursor) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            "INSERT INTO campaign.stream_cursors (consumer, cursor) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
             consumer, after,
         )
         if inserted is None or before:
@@ -386,9 +386,9 @@ async def list_enrollments(
     after_time, after_id = decode_token(page_token, 2) if page_token else ("infinity", str(uuid.UUID(int=0)))
     cid = _uuid(campaign_id, "campaign_id") if campaign_id else None
     rows = await pool.fetch(
-        f"""SELECT {_ENROLLMENT_COLS} FROM enrollments
+        f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments
             WHERE workspace_id = $1 AND ($2::uuid IS NULL OR campaign_id = $2) AND ($3 = '' OR contact_id = $3)
-              AND ($4 = '' OR (enroll_time, id) < ($5::timestamptz, $6::uuid))
+              AND ($4 = '' OR (enroll_time, id) < ($5::text::timestamptz, $6::text::uuid))
             ORDER BY enroll_time DESC, id DESC LIMIT $7""",
         ws, cid, contact_id, page_token, after_time, after_id, page_size + 1,
     )
@@ -397,7 +397,7 @@ async def list_enrollments(
         rows = rows[:page_size]
         token = encode_token(rows[-1]["enroll_time"].isoformat(), rows[-1]["id"])
     history = await pool.fetch(
-        """SELECT * FROM step_history WHERE workspace_id = $1 AND enrollment_id = ANY($2::uuid[])
+        """SELECT * FROM campaign.step_history WHERE workspace_id = $1 AND enrollment_id = ANY($2::uuid[])
            ORDER BY enter_time, step_id, visit""",
         ws, [r["id"] for r in rows],
     )
@@ -412,7 +412,7 @@ async def stats(pool: asyncpg.Pool, ws: str, campaign_id: uuid.UUID) -> dict[str
                   count(*) FILTER (WHERE state = 'completed') AS completed,
                   count(*) FILTER (WHERE state = 'exited') AS exited_early,
                   count(*) FILTER (WHERE conversion_time IS NOT NULL) AS converted
-           FROM enrollments WHERE workspace_id = $1 AND campaign_id = $2 GROUP BY version ORDER BY version""",
+           FROM campaign.enrollments WHERE workspace_id = $1 AND campaign_id = $2 GROUP BY version ORDER BY version""",
         ws, campaign_id,
     )
     steps = await pool.fetch(
@@ -426,14 +426,14 @@ async def stats(pool: asyncpg.Pool, ws: str, campaign_id: uuid.UUID) -> dict[str
                       AS messages_failed,
                   count(*) FILTER (WHERE outcome = 'created') AS tasks_created,
                   count(*) FILTER (WHERE task_completed) AS tasks_completed
-           FROM step_history WHERE workspace_id = $1 AND campaign_id = $2
+           FROM campaign.step_history WHERE workspace_id = $1 AND campaign_id = $2
            GROUP BY version, step_id ORDER BY version, step_id""",
         ws, campaign_id,
     )
     cohorts = await pool.fetch(
         """SELECT e.version, c.key AS step_id, c.value AS cohort, count(*) AS entered,
                   count(*) FILTER (WHERE e.conversion_time IS NOT NULL) AS converted
-           FROM enrollments e, jsonb_each_text(e.cohorts) AS c
+           FROM campaign.enrollments e, jsonb_each_text(e.cohorts) AS c
            WHERE e.workspace_id = $1 AND e.campaign_id = $2
            GROUP BY e.version, c.key, c.value ORDER BY e.version, c.key, c.value""",
         ws, campaign_id,
