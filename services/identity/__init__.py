@@ -1,0 +1,1 @@
+"""Identity: users, contacts, events and properties, and the resolved-event stream."""

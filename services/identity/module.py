@@ -1,0 +1,35 @@
+"""The identity service as the chassis runs it: servicer, and the commit listener that wakes subscribers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from parley.identity.v1 import identity_service_pb2
+from parley.identity.v1.identity_service_pb2_grpc import add_IdentityServiceServicer_to_server
+
+from services.common.embedded import database_url
+from services.common.server import Runtime, ServiceModule
+from services.identity.servicer import IdentityServicer
+from services.identity.stream import EventHub, listen
+
+
+def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
+    hub = EventHub()
+    rt.state["event_hub"] = hub
+    add_IdentityServiceServicer_to_server(IdentityServicer(rt.pool, hub), server)
+    return [identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
+
+
+async def on_start(rt: Runtime) -> None:
+    rt.spawn(listen(database_url(rt.settings), rt.state["event_hub"]), name="identity-event-listener")
+
+
+MODULE = ServiceModule(
+    name="identity",
+    migrations=Path(__file__).with_name("migrations"),
+    register=register,
+    on_start=on_start,
+    port_setting="identity_port",
+)

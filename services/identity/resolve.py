@@ -1,0 +1,374 @@
+"""Identity resolution: one batch of events and the stored state it touches, turned into the writes to make."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from parley.common.v1.event_pb2 import Event, EventType
+
+from services.identity.phones import phone_time_zone
+
+ANONYMOUS = "anonymous"
+USER = "user"
+
+# Traits key that holds the phone; on a contact it is kept in E.164.
+PHONE_KEY = "phone"
+
+IdentityKey = tuple[str, str]  # (kind, external id)
+
+
+def event_time_us(event: Event) -> int:
+    """The event's time in epoch microseconds: its skew-corrected timestamp, else when it was received."""
+    for ts in (event.timestamp, event.received_at):
+        if ts.seconds or ts.nanos:
+            return ts.seconds * 1_000_000 + ts.nanos // 1000
+    return 0
+
+
+def merge_properties(properties: dict[str, Any], times: dict[str, int], changes: dict[str, Any], at: int) -> bool:
+    """Merge ``changes`` set at event time ``at`` into ``properties``, per key, newest time winning.
+
+    A ``None`` value removes the key; its time is kept so an older value cannot bring it back.
+    On equal times the later write wins. Returns whether anything changed.
+    """
+    changed = False
+    for key, value in changes.items():
+        if at < times.get(key, -(2**63)):
+            continue
+        if times.get(key) != at:
+            times[key] = at
+            changed = True
+        if value is None:
+            if key in properties:
+                del properties[key]
+                changed = True
+        elif properties.get(key, _MISSING) != value:
+            properties[key] = value
+            changed = True
+    return changed
+
+
+def merge_stamped(
+    properties: dict[str, Any], times: dict[str, int], other: dict[str, Any], other_times: dict[str, int]
+) -> bool:
+    """Merge another stamped property set (each key with its own time) into this one."""
+    changed = False
+    for key, at in other_times.items():
+        if key == PHONE_KEY:
+            continue  # a contact's phone property is its own phone, never another contact's
+        changed |= merge_properties(properties, times, {key: other.get(key)}, at)
+    return changed
+
+
+_MISSING = object()
+
+
+@dataclass
+class UserState:
+    """A user as loaded (locked) from the database, or created by this batch."""
+
+    key: uuid.UUID
+    contact_id: uuid.UUID | None = None
+    phone: str | None = None
+    phone_time: int | None = None
+    traits: dict[str, Any] = field(default_factory=dict)
+    trait_times: dict[str, int] = field(default_factory=dict)
+    identified: bool = False
+    merged_into: uuid.UUID | None = None
+    stored: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class ContactState:
+    """A contact as loaded (locked) from the database, or created by this batch."""
+
+    id: uuid.UUID
+    phone: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    property_times: dict[str, int] = field(default_factory=dict)
+    phone_time_zone: str = ""
+    stored: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class StoredState:
+    """What the batch touches, read under the batch's locks."""
+
+    identities: dict[IdentityKey, uuid.UUID]
+    users: dict[uuid.UUID, UserState]
+    contacts: dict[uuid.UUID, ContactState]
+    # message_id -> current contact of events stored before this batch.
+    existing: dict[str, uuid.UUID | None]
+
+
+@dataclass
+class NewEvent:
+    """An event this batch stores."""
+
+    index: int
+    event: Event
+    time_us: int
+    user_key: uuid.UUID | None = None
+    contact_id: uuid.UUID | None = None
+
+
+@dataclass
+class Outcome:
+    """The per-request-event result: stored now (ACCEPTED) or before (DUPLICATE)."""
+
+    duplicate: bool
+    contact_id: uuid.UUID | None
+    # For ACCEPTED: the event to store; for a duplicate within the batch: the one stored.
+    new: NewEvent | None = None
+
+
+@dataclass
+class Plan:
+    """Everything one batch writes, computed before any write."""
+
+    outcomes: list[Outcome]
+    events: list[NewEvent]
+    new_identities: list[tuple[str, str, uuid.UUID]]
+    users: list[UserState]
+    contacts: list[ContactState]
+    # (original user key, contact): that user's stored events without a contact become the contact's.
+    adopt: list[tuple[uuid.UUID, uuid.UUID]]
+    # (user key joined, user key it joined): ids, events and contact links move over.
+    merges: list[tuple[uuid.UUID, uuid.UUID]]
+    contact_users: list[tuple[uuid.UUID, uuid.UUID]]
+
+
+def lock_identities(events: Iterable[Event]) -> tuple[set[IdentityKey], set[str]]:
+    """The ids and phones a batch resolves: what it must lock and look up."""
+    ids: set[IdentityKey] = set()
+    phones: set[str] = set()
+    for e in events:
+        if e.anonymous_id:
+            ids.add((ANONYMOUS, e.anonymous_id))
+        if e.user_id:
+            ids.add((USER, e.user_id))
+        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+            ids.add((ANONYMOUS, e.previous_id))
+            ids.add((USER, e.previous_id))
+        if e.phone:
+            phones.add(e.phone)
+    return ids, phones
+
+
+def struct_to_dict(event: Event, name: str) -> dict[str, Any]:
+    if not event.HasField(name):  # type: ignore[arg-type]
+        return {}
+    return json_format.MessageToDict(getattr(event, name))
+
+
+class _Resolver:
+    def __init__(self, state: StoredState, new_id: Callable[[], uuid.UUID]) -> None:
+        self.s = state
+        self.new_id = new_id
+        self.parent: dict[uuid.UUID, uuid.UUID] = {}
+        # Per group root: original user keys whose stored events may still lack a contact.
+        self.waiting_stored: dict[uuid.UUID, list[uuid.UUID]] = {}
+        # Per group root: this batch's events still without a contact.
+        self.waiting_new: dict[uuid.UUID, list[NewEvent]] = {}
+        self.by_phone = {c.phone: c for c in state.contacts.values()}
+        self.new_identities: list[tuple[str, str, uuid.UUID]] = []
+        self.adopt: list[tuple[uuid.UUID, uuid.UUID]] = []
+        self.merged: list[uuid.UUID] = []
+        self.contact_users: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        for user in state.users.values():
+            if user.contact_id is None:
+                self.waiting_stored[user.key] = [user.key]
+
+    def find(self, key: uuid.UUID) -> uuid.UUID:
+        while key in self.parent:
+            key = self.parent[key]
+        return key
+
+    def lookup(self, kind: str, external: str) -> uuid.UUID | None:
+        key = self.s.identities.get((kind, external))
+        return None if key is None else self.find(key)
+
+    def register(self, kind: str, external: str, key: uuid.UUID) -> None:
+        if (kind, external) not in self.s.identities:
+            self.s.identities[(kind, external)] = key
+            self.new_identities.append((kind, external, key))
+
+    def new_user(self) -> UserState:
+        user = UserState(key=self.new_id(), dirty=True)
+        self.s.users[user.key] = user
+        return user
+
+    def give_contact(self, root: uuid.UUID, contact_id: uuid.UUID) -> None:
+        """The group's first contact: everything it did so far becomes the contact's."""
+        for key in self.waiting_stored.pop(root, []):
+            if self.s.users[key].stored:
+                self.adopt.append((key, contact_id))
+        for ev in self.waiting_new.pop(root, []):
+            ev.contact_id = contact_id
+        self.contact_users.add((contact_id, root))
+
+    def merge(self, gone_key: uuid.UUID, into_key: uuid.UUID) -> None:
+        """Join user ``gone_key`` into ``into_key``: one person, one history."""
+        gone, into = self.s.users[gone_key], self.s.users[into_key]
+        self.parent[gone_key] = into_key
+        self.merged.append(gone_key)
+        gone.merged_into = into_key
+        gone.dirty = into.dirty = True
+        merge_stamped(into.traits, into.trait_times, gone.traits, gone.trait_times)
+        into.identified = into.identified or gone.identified
+        if gone.contact_id is not None:
+            self.contact_users.add((gone.contact_id, into_key))
+        if into.contact_id is None and gone.contact_id is not None:
+            into.contact_id, into.phone, into.phone_time = gone.contact_id, gone.phone, gone.phone_time
+            self.give_contact(into_key, gone.contact_id)
+        elif gone.contact_id is None and into.contact_id is not None:
+            self.waiting_stored[into_key] = self.waiting_stored.pop(gone_key, [])
+            self.waiting_new[into_key] = self.waiting_new.pop(gone_key, [])
+            self.give_contact(into_key, into.contact_id)
+        else:
+            if gone.contact_id is not None and (gone.phone_time or 0) > (into.phone_time or 0):
+                into.contact_id, into.phone, into.phone_time = gone.contact_id, gone.phone, gone.phone_time
+            self.waiting_stored.setdefault(into_key, []).extend(self.waiting_stored.pop(gone_key, []))
+            self.waiting_new.setdefault(into_key, []).extend(self.waiting_new.pop(gone_key, []))
+
+    def user_for(self, e: Event) -> UserState | None:
+        ku = self.lookup(USER, e.user_id) if e.user_id else None
+        ka = self.lookup(ANONYMOUS, e.anonymous_id) if e.anonymous_id else None
+        key = ku
+        anonymous_taken = False
+        if ka is not None and ka != key:
+            if key is None:
+                # A known anonymous id of another identified user is not taken over by a new user id.
+                if e.user_id and self.s.users[ka].identified:
+                    anonymous_taken = True
+                else:
+                    key = ka
+            elif not self.s.users[ka].identified:
+                self.merge(ka, key)
+            else:
+                anonymous_taken = True
+        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+            kp = self.lookup(USER, e.previous_id) or self.lookup(ANONYMOUS, e.previous_id)
+            if kp is not None and key is not None and kp != key:
+                self.merge(kp, key)  # an alias joins whatever the previous id belonged to
+            elif key is None:
+                key = kp
+        if key is None:
+            if not (e.user_id or e.anonymous_id or (e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id)):
+                return None
+            user = self.new_user()
+            key = user.key
+        user = self.s.users[key]
+        if e.user_id:
+            self.register(USER, e.user_id, key)
+            if not user.identified:
+                user.identified = user.dirty = True
+        if e.anonymous_id and not anonymous_taken:
+            self.register(ANONYMOUS, e.anonymous_id, key)
+        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+            if (USER, e.previous_id) not in self.s.identities:
+                self.register(ANONYMOUS, e.previous_id, key)
+        return user
+
+    def contact_for_phone(self, phone: str) -> ContactState:
+        contact = self.by_phone.get(phone)
+        if contact is None:
+            contact = ContactState(id=self.new_id(), phone=phone, phone_time_zone=phone_time_zone(phone), dirty=True)
+            self.by_phone[phone] = contact
+            self.s.contacts[contact.id] = contact
+        return contact
+
+    def apply(self, ev: NewEvent) -> None:
+        e, at = ev.event, ev.time_us
+        user = self.user_for(e)
+        ev.user_key = user.key if user else None
+        contact: ContactState | None = None
+        if e.phone:
+            contact = self.contact_for_phone(e.phone)
+            if user is not None:
+                self.contact_users.add((contact.id, user.key))
+                if user.contact_id is None:
+                    user.contact_id, user.phone, user.phone_time = contact.id, contact.phone, at
+                    user.dirty = True
+                    self.give_contact(user.key, contact.id)
+                    self.carry_traits(user, contact)
+                elif user.contact_id != contact.id:
+                    # A newer phone makes the user's new contact; a late, older one does not.
+                    if at >= (user.phone_time or 0):
+                        user.contact_id, user.phone, user.phone_time = contact.id, contact.phone, at
+                        user.dirty = True
+                        self.carry_traits(user, contact)
+                elif at > (user.phone_time or 0):
+                    user.phone_time = at
+                    user.dirty = True
+            contact.dirty |= merge_properties(contact.properties, contact.property_times, {PHONE_KEY: e.phone}, at)
+        elif user is not None and user.contact_id is not None:
+            contact = self.s.contacts[user.contact_id]
+        ev.contact_id = contact.id if contact else None
+        if contact is None and user is not None:
+            self.waiting_new.setdefault(user.key, []).append(ev)
+        if e.type == EventType.EVENT_TYPE_IDENTIFY:
+            traits = struct_to_dict(e, "traits")
+            if traits:
+                if user is not None:
+                    user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
+                if contact is not None:
+                    if e.phone and PHONE_KEY in traits:
+                        traits[PHONE_KEY] = e.phone
+                    contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
+
+    def carry_traits(self, user: UserState, contact: ContactState) -> None:
+        contact.dirty |= merge_stamped(contact.properties, contact.property_times, user.traits, user.trait_times)
+
+
+def resolve(events: Sequence[Event], state: StoredState, new_id: Callable[[], uuid.UUID] = uuid.uuid4) -> Plan:
+    """The writes that store ``events`` and resolve their users to contacts, given ``state``.
+
+    Events are applied in event-time order (request order on ties), so a batch means the
+    same as its events sent one by one in the order they happened. ``state`` is changed in place.
+    """
+    r = _Resolver(state, new_id)
+    outcomes: list[Outcome | None] = [None] * len(events)
+    first: dict[str, NewEvent] = {}
+    fresh: list[NewEvent] = []
+    for i, e in enumerate(events):
+        if e.message_id in state.existing:
+            outcomes[i] = Outcome(duplicate=True, contact_id=state.existing[e.message_id])
+        elif e.message_id in first:
+            outcomes[i] = Outcome(duplicate=True, contact_id=None, new=first[e.message_id])
+        else:
+            ev = NewEvent(index=i, event=e, time_us=event_time_us(e))
+            first[e.message_id] = ev
+            fresh.append(ev)
+            outcomes[i] = Outcome(duplicate=False, contact_id=None, new=ev)
+    for ev in sorted(fresh, key=lambda x: (x.time_us, x.index)):
+        r.apply(ev)
+    # Merged-away keys resolve to the surviving user for everything written below.
+    for ev in fresh:
+        if ev.user_key is not None:
+            ev.user_key = r.find(ev.user_key)
+    done: list[Outcome] = []
+    for o in outcomes:
+        assert o is not None
+        if o.new is not None:
+            o.contact_id = o.new.contact_id
+        done.append(o)
+    merges = [(k, r.find(k)) for k in r.merged if state.users[k].stored]
+    for k in r.merged:
+        state.users[k].merged_into = r.find(k)
+    return Plan(
+        outcomes=done,
+        events=fresh,
+        new_identities=[(kind, ext, r.find(key)) for kind, ext, key in r.new_identities],
+        users=[u for u in state.users.values() if u.dirty and (u.stored or u.merged_into is None)],
+        contacts=[c for c in state.contacts.values() if c.dirty],
+        adopt=r.adopt,
+        merges=merges,
+        contact_users=sorted({(c, r.find(k)) for c, k in r.contact_users}),
+    )

@@ -1,0 +1,253 @@
+"""gRPC IdentityService: requests checked and mapped to the repository, rows mapped back to protos."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.common.v1.contact_pb2 import Contact
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
+from parley.identity.v1 import identity_service_pb2 as pb
+from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
+
+from services.common.context import current_workspace, is_internal, workspace_or_none
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
+from services.identity import repository
+from services.identity.filters import conditions
+from services.identity.phones import contact_time_zone, parse_phone
+from services.identity.repository import ContactRow, EventRow
+from services.identity.resolve import ANONYMOUS, USER
+from services.identity.stream import EventHub, follow
+from services.identity.tokens import Cursor, decode_page_token, encode_page_token, fingerprint
+
+MAX_BATCH_EVENTS = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_STREAM_BATCH = 500
+MAX_STREAM_BATCH = 1000
+
+_ORDER_COLUMNS = {
+    pb.ContactOrderBy.CONTACT_ORDER_BY_UNSPECIFIED: "create_time",
+    pb.ContactOrderBy.CONTACT_ORDER_BY_CREATE_TIME: "create_time",
+    pb.ContactOrderBy.CONTACT_ORDER_BY_UPDATE_TIME: "update_time",
+}
+
+
+def _page_size(
+    value: int, field: str = "page_size", default: int = DEFAULT_PAGE_SIZE, limit: int = MAX_PAGE_SIZE
+) -> int:
+    if value < 0 or value > limit:
+        raise InvalidArgument.field(field, f"must be between 0 and {limit} (0 means {default})")
+    return value or default
+
+
+def _uuid(value: str, field: str) -> uuid.UUID:
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise InvalidArgument.field(field, "not a valid id") from exc
+
+
+def _timestamp(dt: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def _struct(data: dict[str, Any]) -> Struct:
+    return json_format.ParseDict(data, Struct())
+
+
+def contact_proto(row: ContactRow) -> Contact:
+    return Contact(
+        id=str(row.id),
+        workspace_id=str(row.workspace_id),
+        phone=row.phone,
+        properties=_struct(row.properties),
+        time_zone=contact_time_zone(row.properties, row.phone_time_zone),
+        user_ids=row.user_ids,
+        anonymous_ids=row.anonymous_ids,
+        create_time=_timestamp(row.create_time),
+        update_time=_timestamp(row.update_time),
+    )
+
+
+def stored_event(row: EventRow) -> pb.StoredEvent:
+    return pb.StoredEvent(
+        event=Event.FromString(row.payload),
+        workspace_id=str(row.workspace_id),
+        contact_id=str(row.contact_id) if row.contact_id else "",
+        user_key=str(row.user_key) if row.user_key else "",
+        sequence=row.seq,
+    )
+
+
+def _check_batch(events: Sequence[Event]) -> None:
+    if not events:
+        raise InvalidArgument.field("events", "at least one event is required")
+    if len(events) > MAX_BATCH_EVENTS:
+        raise InvalidArgument.field("events", f"at most {MAX_BATCH_EVENTS} events per call")
+    bad: list[Violation] = []
+    for i, e in enumerate(events):
+        if not e.message_id:
+            bad.append(Violation(f"events[{i}].message_id", "required"))
+        if e.type not in EventType.values() or e.type == EventType.EVENT_TYPE_UNSPECIFIED:
+            bad.append(Violation(f"events[{i}].type", "required"))
+    if bad:
+        raise InvalidArgument(bad)
+
+
+class IdentityServicer(IdentityServiceServicer):
+    """Thin adapter: proto in, repository and domain calls, proto out."""
+
+    def __init__(self, pool: asyncpg.Pool, hub: EventHub) -> None:
+        self._pool = pool
+        self._hub = hub
+
+    async def RecordEvents(
+        self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEventsResponse:
+        if not is_internal():
+            raise PermissionDenied("RecordEvents is for Parley services; send events to ingest")
+        workspace = current_workspace()
+        events = list(request.events)
+        _check_batch(events)
+        outcomes = await repository.record_batch(self._pool, workspace.id, events)
+        return pb.RecordEventsResponse(
+            results=[
+                EventResult(
+                    index=i,
+                    message_id=e.message_id,
+                    status=EventStatus.EVENT_STATUS_DUPLICATE if o.duplicate else EventStatus.EVENT_STATUS_ACCEPTED,
+                    contact_id=str(o.contact_id) if o.contact_id else "",
+                )
+                for i, (e, o) in enumerate(zip(events, outcomes, strict=True))
+            ]
+        )
+
+    async def GetContact(
+        self, request: pb.GetContactRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetContactResponse:
+        workspace = current_workspace()
+        lookup = request.WhichOneof("lookup")
+        if lookup == "contact_id":
+            row = await repository.contact_by_id(self._pool, workspace.id, _uuid(request.contact_id, "contact_id"))
+        elif lookup == "phone":
+            phone = parse_phone(request.phone, workspace.default_region)
+            if phone is None:
+                raise InvalidArgument.field("phone", "not a valid phone number")
+            row = await repository.contact_by_phone(self._pool, workspace.id, phone)
+        else:
+            raise InvalidArgument.field("lookup", "one of contact_id or phone is required")
+        if row is None:
+            raise NotFound("no such contact in this workspace")
+        return pb.GetContactResponse(contact=contact_proto(row))
+
+    async def ListContacts(
+        self, request: pb.ListContactsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContactsResponse:
+        workspace = current_workspace()
+        conds = conditions(request.filters)
+        order = _ORDER_COLUMNS.get(request.order_by)
+        if order is None:
+            raise InvalidArgument.field("order_by", "unknown order")
+        size = _page_size(request.page_size)
+        query = fingerprint(
+            "contacts",
+            order,
+            request.descending,
+            [f.SerializeToString(deterministic=True).hex() for f in request.filters],
+        )
+        position = decode_page_token(request.page_token, query)
+        after = None
+        if position is not None:
+            try:
+                after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1]))
+            except (ValueError, IndexError, TypeError) as exc:
+                raise InvalidArgument.field("page_token", "not a page token of this query") from exc
+        rows = await repository.list_contacts(
+            self._pool, workspace.id, conds, order, request.descending, size + 1, after
+        )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            last = rows[-1]
+            token = encode_page_token(query, [getattr(last, order).isoformat(), str(last.id)])
+        return pb.ListContactsResponse(contacts=[contact_proto(r) for r in rows], next_page_token=token)
+
+    async def ListContactEvents(
+        self, request: pb.ListContactEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContactEventsResponse:
+        workspace = current_workspace()
+        contact_id = _uuid(request.contact_id, "contact_id")
+        start = request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None
+        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument.field("end_time", "must not be before start_time")
+        size = _page_size(request.page_size)
+        names = sorted(set(request.names))
+        query = fingerprint("timeline", str(contact_id), names, start, end)
+        position = decode_page_token(request.page_token, query)
+        before = None
+        if position is not None:
+            try:
+                before = (datetime.fromisoformat(position[0]), int(position[1]))
+            except (ValueError, IndexError, TypeError) as exc:
+                raise InvalidArgument.field("page_token", "not a page token of this query") from exc
+        if not await repository.contact_exists(self._pool, workspace.id, contact_id):
+            raise NotFound("no such contact in this workspace")
+        rows = await repository.contact_events(
+            self._pool, workspace.id, contact_id, names, start, end, size + 1, before
+        )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_page_token(query, [rows[-1].event_time.isoformat(), rows[-1].seq])
+        return pb.ListContactEventsResponse(events=[stored_event(r) for r in rows], next_page_token=token)
+
+    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
+        workspace = current_workspace()
+        lookup = request.WhichOneof("lookup")
+        if lookup == "anonymous_id" and request.anonymous_id:
+            kind, external = ANONYMOUS, request.anonymous_id
+        elif lookup == "user_id" and request.user_id:
+            kind, external = USER, request.user_id
+        else:
+            raise InvalidArgument.field("lookup", "one of anonymous_id or user_id is required")
+        limit = _page_size(request.event_limit, "event_limit")
+        found = await repository.user_by_identity(self._pool, workspace.id, kind, external, limit)
+        if found is None:
+            raise NotFound(f"no user with this {lookup} in this workspace")
+        user, events = found
+        return pb.GetUserResponse(
+            user=pb.User(
+                user_key=str(user.user_key),
+                anonymous_ids=user.anonymous_ids,
+                user_ids=user.user_ids,
+                contact_id=str(user.contact_id) if user.contact_id else "",
+                create_time=_timestamp(user.create_time),
+                traits=_struct(user.traits),
+                phone=user.phone or "",
+            ),
+            events=[stored_event(r) for r in events],
+        )
+
+    async def SubscribeEvents(
+        self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeEventsResponse]:
+        workspace = workspace_or_none()
+        if workspace is None and not is_internal():
+            raise Unauthenticated("this call needs a workspace")
+        size = _page_size(request.batch_size, "batch_size", DEFAULT_STREAM_BATCH, MAX_STREAM_BATCH)
+        start = Cursor.decode(request.cursor)
+        async for rows, after in follow(self._pool, self._hub, workspace.id if workspace else None, start, size):
+            yield pb.SubscribeEventsResponse(events=[stored_event(r) for r in rows], cursor=after.encode())

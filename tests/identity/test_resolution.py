@@ -1,0 +1,221 @@
+"""Resolution through RecordEvents: anonymous to identified to contact, phones, property merges, idempotency."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import pytest
+from parley.common.v1.event_pb2 import EventStatus, EventType
+from parley.identity.v1 import identity_service_pb2 as ipb
+
+from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, page, track, uid
+
+ACCEPTED, DUPLICATE = EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_DUPLICATE
+PHONE = "+14155552671"
+
+
+async def timeline(identity: Identity, tenant: Tenant, contact_id: str) -> list[ipb.StoredEvent]:
+    got = await identity.stub.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact_id, page_size=1000), metadata=tenant.md
+    )
+    return list(got.events)
+
+
+async def test_anonymous_then_identified_then_phone_is_one_contact_timeline(identity: Identity, tenant: Tenant) -> None:
+    anon, user = uid("anon"), uid()
+    views = [page(f"P{i}", anonymous_id=anon) for i in range(3)]
+    first = await identity.record(tenant, *views)
+    assert [r.status for r in first.results] == [ACCEPTED] * 3
+    assert {r.contact_id for r in first.results} == {""}
+    tie = identify({"first_name": "Ada"}, anonymous_id=anon, user_id=user)
+    await identity.record(tenant, tie)
+    later = track("Loan Viewed", user_id=user)
+    await identity.record(tenant, later)
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(anonymous_id=anon), metadata=tenant.md)
+    assert user_view.user.contact_id == "" and list(user_view.user.user_ids) == [user]
+    assert len(user_view.events) == 5
+
+    with_phone = identify({"phone": "(415) 555-2671", "last_name": "Lovelace"}, user_id=user, phone=PHONE)
+    got = await identity.record(tenant, with_phone)
+    contact_id = got.results[0].contact_id
+    assert contact_id
+
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(contact_id=contact_id), metadata=tenant.md)).contact
+    assert contact.phone == PHONE
+    assert contact.properties["first_name"] == "Ada" and contact.properties["last_name"] == "Lovelace"
+    assert contact.properties["phone"] == PHONE
+    assert contact.time_zone == "America/Los_Angeles"
+    assert list(contact.user_ids) == [user] and list(contact.anonymous_ids) == [anon]
+
+    events = await timeline(identity, tenant, contact_id)
+    expected = [*views, tie, later, with_phone]
+    assert [e.event.message_id for e in events] == [e.message_id for e in reversed(expected)]
+    assert {e.contact_id for e in events} == {contact_id}
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user), metadata=tenant.md)
+    assert user_view.user.contact_id == contact_id and user_view.user.phone == PHONE
+    assert user_view.user.traits["first_name"] == "Ada"
+
+
+async def test_one_batch_resolves_like_the_same_events_one_by_one(identity: Identity, tenant: Tenant) -> None:
+    anon, user = uid("anon"), uid()
+    batch = [
+        page("Home", anonymous_id=anon),
+        identify({"plan": "gold"}, anonymous_id=anon, user_id=user),
+        identify({"phone": "415 555 2671"}, user_id=user, phone=PHONE),
+        track("Applied", user_id=user),
+    ]
+    got = await identity.record(tenant, *batch)
+    contact_ids = {r.contact_id for r in got.results}
+    assert len(contact_ids) == 1 and "" not in contact_ids
+    [contact_id] = contact_ids
+    events = await timeline(identity, tenant, contact_id)
+    assert [e.event.message_id for e in events] == [e.message_id for e in reversed(batch)]
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(contact_id=contact_id), metadata=tenant.md)).contact
+    assert contact.properties["plan"] == "gold"
+
+
+async def test_five_formats_of_one_number_make_one_contact(identity: Identity, tenant: Tenant) -> None:
+    formats = ["(415) 555-2671", "+1 415-555-2671", "4155552671", "1-415-555-2671", "+14155552671"]
+    results = []
+    for i, raw in enumerate(formats):
+        got = await identity.record(tenant, identify({"phone": raw}, user_id=f"person-{i}", phone=PHONE))
+        results.append(got.results[0].contact_id)
+    assert len(set(results)) == 1
+    for raw in [*formats, "tel:+1-415-555-2671"]:
+        got = await identity.stub.GetContact(ipb.GetContactRequest(phone=raw), metadata=tenant.md)
+        assert got.contact.id == results[0]
+    listed = await identity.stub.ListContacts(ipb.ListContactsRequest(), metadata=tenant.md)
+    assert [c.id for c in listed.contacts] == [results[0]]
+    assert sorted(listed.contacts[0].user_ids) == sorted(f"person-{i}" for i in range(5))
+
+
+async def test_workspace_default_region_reads_national_numbers(identity: Identity, make_workspace) -> None:  # type: ignore[no-untyped-def]
+    tenant = await identity.tenant(make_workspace, default_region="GB")
+    london = "+442079460000"
+    got = await identity.record(tenant, identify({"phone": "020 7946 0000"}, user_id=uid(), phone=london))
+    found = await identity.stub.GetContact(ipb.GetContactRequest(phone="020 7946 0000"), metadata=tenant.md)
+    assert found.contact.id == got.results[0].contact_id
+    assert found.contact.time_zone == "Europe/London"
+
+
+async def test_a_new_phone_makes_a_second_contact_and_the_old_keeps_its_history(
+    identity: Identity, tenant: Tenant
+) -> None:
+    user, other = uid(), "+14155550100"
+    before = [identify({"phone": PHONE}, user_id=user, phone=PHONE), track("Old Phone Event", user_id=user)]
+    old_id = (await identity.record(tenant, *before)).results[0].contact_id
+    switch = identify({"phone": other}, user_id=user, phone=other)
+    after = track("New Phone Event", user_id=user)
+    got = await identity.record(tenant, switch, after)
+    new_id = got.results[0].contact_id
+    assert new_id and new_id != old_id and got.results[1].contact_id == new_id
+    old_events = await timeline(identity, tenant, old_id)
+    assert [e.event.name for e in old_events] == ["Old Phone Event", ""]
+    new_events = await timeline(identity, tenant, new_id)
+    assert [e.event.message_id for e in new_events] == [after.message_id, switch.message_id]
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user), metadata=tenant.md)
+    assert user_view.user.contact_id == new_id
+    old = (await identity.stub.GetContact(ipb.GetContactRequest(phone=PHONE), metadata=tenant.md)).contact
+    assert old.id == old_id and old.phone == PHONE
+
+
+async def test_late_older_identify_does_not_clobber_newer_properties(identity: Identity, tenant: Tenant) -> None:
+    user = uid()
+    t = BASE_TIME + timedelta(days=30)
+    await identity.record(
+        tenant, identify({"phone": PHONE, "first_name": "Ada", "city": "Paris"}, user_id=user, phone=PHONE, at=t)
+    )
+    late = identify({"first_name": "Old Name", "plan": "basic", "city": None}, user_id=user, at=t - timedelta(hours=1))
+    await identity.record(tenant, late)
+    newer = identify({"city": None}, user_id=user, at=t + timedelta(hours=1))
+    await identity.record(tenant, newer)
+    stale = identify({"city": "Rome"}, user_id=user, at=t + timedelta(minutes=30))
+    await identity.record(tenant, stale)
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(phone=PHONE), metadata=tenant.md)).contact
+    props = dict(contact.properties)
+    assert props["first_name"] == "Ada"  # the newer value stays
+    assert props["plan"] == "basic"  # a key never set is taken, however old
+    assert "city" not in props  # removed by the newest event; an older value does not bring it back
+
+
+async def test_late_identify_with_an_old_phone_does_not_move_the_user_back(identity: Identity, tenant: Tenant) -> None:
+    user, newer_phone = uid(), "+14155550100"
+    t = BASE_TIME + timedelta(days=40)
+    await identity.record(tenant, identify({"phone": newer_phone}, user_id=user, phone=newer_phone, at=t))
+    late = identify({"phone": PHONE}, user_id=user, phone=PHONE, at=t - timedelta(days=1))
+    got = await identity.record(tenant, late)
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user), metadata=tenant.md)
+    newer = await identity.stub.GetContact(ipb.GetContactRequest(phone=newer_phone), metadata=tenant.md)
+    assert user_view.user.contact_id == newer.contact.id
+    assert got.results[0].contact_id and got.results[0].contact_id != newer.contact.id
+
+
+async def test_time_zone_property_overrides_the_phone_zone(identity: Identity, tenant: Tenant) -> None:
+    user = uid()
+    await identity.record(tenant, identify({"phone": PHONE, "time_zone": "Europe/Paris"}, user_id=user, phone=PHONE))
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(phone=PHONE), metadata=tenant.md)).contact
+    assert contact.time_zone == "Europe/Paris"
+    await identity.record(tenant, identify({"time_zone": "Mars/Olympus"}, user_id=user))
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(phone=PHONE), metadata=tenant.md)).contact
+    assert contact.time_zone == "America/Los_Angeles"
+
+
+async def test_duplicates_in_a_batch_and_across_retries_are_stored_once(identity: Identity, tenant: Tenant) -> None:
+    user = uid()
+    a = track("A", user_id=user, message_id=uid("m"))
+    b = identify({"phone": PHONE}, user_id=user, phone=PHONE, message_id=uid("m"))
+    first = await identity.record(tenant, a, a, b)
+    assert [r.status for r in first.results] == [ACCEPTED, DUPLICATE, ACCEPTED]
+    contact_id = first.results[2].contact_id
+    assert [r.contact_id for r in first.results] == [contact_id] * 3
+    retry = await identity.record(tenant, a, b)
+    assert [r.status for r in retry.results] == [DUPLICATE, DUPLICATE]
+    assert [r.contact_id for r in retry.results] == [contact_id] * 2
+    events = await timeline(identity, tenant, contact_id)
+    assert sorted(e.event.message_id for e in events) == sorted([a.message_id, b.message_id])
+
+
+async def test_alias_joins_a_previous_id_to_a_user(identity: Identity, tenant: Tenant) -> None:
+    old_anon, user = uid("anon"), uid()
+    await identity.record(tenant, page("Landing", anonymous_id=old_anon))
+    await identity.record(tenant, identify({"phone": PHONE}, user_id=user, phone=PHONE))
+    await identity.record(tenant, event(EventType.EVENT_TYPE_ALIAS, previous_id=old_anon, user_id=user))
+    await identity.record(tenant, event(EventType.EVENT_TYPE_GROUP, group_id="acme", user_id=user))
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(anonymous_id=old_anon), metadata=tenant.md)
+    assert list(user_view.user.user_ids) == [user] and old_anon in user_view.user.anonymous_ids
+    contact_id = user_view.user.contact_id
+    names = [EventType.Name(e.event.type) for e in await timeline(identity, tenant, contact_id)]
+    assert names == ["EVENT_TYPE_GROUP", "EVENT_TYPE_ALIAS", "EVENT_TYPE_IDENTIFY", "EVENT_TYPE_PAGE"]
+
+
+async def test_an_identified_users_anonymous_id_is_not_taken_by_another_user(
+    identity: Identity, tenant: Tenant
+) -> None:
+    device, first, second = uid("anon"), uid(), uid()
+    await identity.record(tenant, identify({"name": "first"}, anonymous_id=device, user_id=first))
+    await identity.record(tenant, identify({"name": "second"}, anonymous_id=device, user_id=second))
+    one = await identity.stub.GetUser(ipb.GetUserRequest(user_id=first), metadata=tenant.md)
+    two = await identity.stub.GetUser(ipb.GetUserRequest(user_id=second), metadata=tenant.md)
+    assert one.user.user_key != two.user.user_key
+    assert one.user.traits["name"] == "first" and two.user.traits["name"] == "second"
+
+
+async def test_record_events_needs_internal_credentials_and_a_sane_batch(identity: Identity, tenant: Tenant) -> None:
+    request = ipb.RecordEventsRequest(events=[track(user_id="x")])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await identity.stub.RecordEvents(request, metadata=tenant.md)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    from services.common.errors import field_violations
+
+    bad_events = [[], [track(user_id="x") for _ in range(1001)]]
+    for events in bad_events:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await identity.record(tenant, *events)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in await field_violations(info.value)] == ["events"]
+    no_id = track(user_id="x")
+    no_id.message_id = ""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await identity.record(tenant, track(user_id="x"), no_id)
+    assert [v.field for v in await field_violations(info.value)] == ["events[1].message_id"]
