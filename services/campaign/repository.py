@@ -200,6 +200,10 @@ _ENROLLMENT_COLS = """workspace_id, id, campaign_id, version, contact_id, state,
     end_time, exit_reason, conversion_time"""
 
 
+def _prefixed(alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in _ENROLLMENT_COLS.split(","))
+
+
 async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
     """Lock up to ``limit`` due enrollments for this transaction; rows other replicas hold are skipped."""
     return await conn.fetch(
@@ -283,7 +287,7 @@ async def contact_enrollments(conn: Conn, pairs: Sequence[tuple[str, str]], sinc
     if not pairs:
         return []
     return await conn.fetch(
-        f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments e
+        f"""SELECT {_prefixed("e")} FROM campaign.enrollments e
             JOIN unnest($1::uuid[], $2::text[]) AS p(workspace_id, contact_id)
               ON e.workspace_id = p.workspace_id AND e.contact_id = p.contact_id
             WHERE e.state = 'active' OR e.enroll_time >= $3

@@ -175,3 +175,42 @@ def struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
+
+
+async def seed(c: Campaigns, campaign: pb.Campaign, contact_ids: list[str], *, props: dict[str, Any] | None = None,
+               when: datetime | None = None) -> None:
+    """Enroll contacts directly (as the consumer would), for engine tests that need no identity."""
+    from services.campaign import repository
+    from services.campaign.engine import _Plan
+
+    now = when or c.engine.clock.now()
+    plan = _Plan()
+    graph = await c.engine.graph(c.workspace_id, campaign.id, campaign.live_version)
+    assert graph is not None
+    for cid in contact_ids:
+        plan.enrollments.append({
+            "workspace_id": c.workspace_id, "id": str(uuid.uuid4()), "campaign_id": campaign.id,
+            "version": campaign.live_version, "contact_id": cid, "step_id": graph.start, "phone": "+12125550100",
+            "time_zone": "America/New_York", "enroll_time": now,
+            "trigger_event": {"name": "seed", "properties": props or {}, "message_id": f"seed-{cid}",
+                              "timestamp": now.isoformat()},
+        })
+    pool = c.server.runtime.pool
+    async with pool.acquire() as conn, conn.transaction():
+        await repository.apply_plan(conn, plan, now)
+
+
+def stored(c: Campaigns, contact_id: str, name: str, props: dict[str, Any] | None = None) -> id_pb.StoredEvent:
+    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
+    if props:
+        ev.properties.update(props)
+    return id_pb.StoredEvent(event=ev, workspace_id=c.workspace_id, contact_id=contact_id)
+
+
+async def feed(c: Campaigns, *events: id_pb.StoredEvent) -> None:
+    """Hand events to the consumer as the stream would (cursor moves on)."""
+    from services.campaign import repository
+    from services.campaign.engine import CONSUMER
+
+    before = await repository.get_cursor(c.server.runtime.pool, CONSUMER)
+    await c.engine.handle_events(list(events), before, f"{before}+{len(events)}")
