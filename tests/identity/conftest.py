@@ -68,7 +68,7 @@ class Identity:
 
 @pytest.fixture(scope="module")
 async def identity(db_url: str) -> AsyncIterator[Identity]:
-    server = await start(IDENTITY, test_settings(db_url, db_pool_max=30), port=0)
+    server = await start(IDENTITY, test_settings(db_url, db_pool_max=22), port=0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield Identity(server, channel, db_url)
     await channel.close()

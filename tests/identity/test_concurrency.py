@@ -1,0 +1,76 @@
+"""Many concurrent writers on overlapping users, anonymous ids and phones: no duplicates, no failures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+from parley.common.v1.event_pb2 import Event, EventStatus, EventType
+
+from tests.identity.conftest import Identity, Tenant, event, identify, page, track
+
+WRITERS = 24
+PHONES = ["+14155552671", "+14155550100", "+14155550101", "+14155550102"]
+
+
+def batch(rng: random.Random, n: int) -> list[Event]:
+    """A batch of events on a small shared set of users, devices and phones."""
+    out: list[Event] = []
+    for _ in range(n):
+        user, anon, phone = f"user-{rng.randrange(8)}", f"device-{rng.randrange(10)}", rng.choice(PHONES)
+        roll = rng.random()
+        if roll < 0.25:
+            out.append(page("Home", anonymous_id=anon))
+        elif roll < 0.45:
+            out.append(identify({"plan": rng.choice(["a", "b"])}, anonymous_id=anon, user_id=user))
+        elif roll < 0.65:
+            out.append(identify({"phone": phone, "n": rng.randrange(100)}, user_id=user, phone=phone))
+        elif roll < 0.72:
+            out.append(event(EventType.EVENT_TYPE_ALIAS, previous_id=anon, user_id=user))
+        else:
+            out.append(track("Clicked", user_id=user, anonymous_id=anon))
+    return out
+
+
+async def test_concurrent_batches_on_overlapping_users_and_phones(identity: Identity, tenant: Tenant) -> None:
+    rng = random.Random(7)
+    batches = [batch(rng, 30) for _ in range(WRITERS * 2)]
+    # Half the batches are sent twice, concurrently with themselves: retries racing the original.
+    sends = batches + batches[: WRITERS // 2]
+    results = await asyncio.gather(*(identity.record(tenant, *b) for b in sends))
+    statuses = [r.status for res in results for r in res.results]
+    assert EventStatus.EVENT_STATUS_ACCEPTED in statuses
+    sent = {e.message_id for b in batches for e in b}
+
+    conn = await asyncpg.connect(identity.db_url)
+    try:
+        ws = tenant.workspace.id
+        phones = await conn.fetch("SELECT phone FROM identity.contacts WHERE workspace_id = $1::uuid", ws)
+        assert sorted(r["phone"] for r in phones) == sorted({e.phone for b in batches for e in b if e.phone})
+        stored = await conn.fetch("SELECT message_id FROM identity.events WHERE workspace_id = $1::uuid", ws)
+        assert sorted(r["message_id"] for r in stored) == sorted(sent)
+        # Every id and event points at a live user; merged users keep nothing.
+        assert not await conn.fetchval(
+            """SELECT count(*) FROM identity.identities i JOIN identity.users u USING (workspace_id, user_key)
+                WHERE i.workspace_id = $1::uuid AND u.merged_into IS NOT NULL""",
+            ws,
+        )
+        assert not await conn.fetchval(
+            """SELECT count(*) FROM identity.events e JOIN identity.users u USING (workspace_id, user_key)
+                WHERE e.workspace_id = $1::uuid AND u.merged_into IS NOT NULL""",
+            ws,
+        )
+        # Invariant 3: a user with a contact has no events left without one.
+        assert not await conn.fetchval(
+            """SELECT count(*) FROM identity.events e JOIN identity.users u USING (workspace_id, user_key)
+                WHERE e.workspace_id = $1::uuid AND e.contact_id IS NULL AND u.contact_id IS NOT NULL""",
+            ws,
+        )
+        # Each user id belongs to exactly one user (the key), and the 8 user ids were all seen.
+        users = await conn.fetchval(
+            "SELECT count(*) FROM identity.identities WHERE workspace_id = $1::uuid AND kind = 'user'", ws
+        )
+        assert users == 8
+    finally:
+        await conn.close()

@@ -1,0 +1,162 @@
+"""SubscribeEvents: resume from a cursor without loss or repeats, gap safety, live delivery, scoping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from parley.identity.v1 import identity_service_pb2 as ipb
+
+from services.common.db import create_pool
+from services.identity import repository
+from services.identity.tokens import Cursor
+from tests.identity.conftest import Identity, Tenant, identify, page, track, uid
+
+# Only a guard against a hung test; the stream itself delivers within milliseconds.
+HANG_GUARD = 20.0
+
+
+async def read_events(call: grpc.aio.UnaryStreamCall, count: int) -> tuple[list[ipb.StoredEvent], str]:
+    """Read responses until ``count`` events arrived; the events and the last cursor."""
+    events: list[ipb.StoredEvent] = []
+    cursor = ""
+    while len(events) < count:
+        response = await asyncio.wait_for(call.read(), HANG_GUARD)
+        assert response is not grpc.aio.EOF
+        events.extend(response.events)
+        cursor = response.cursor
+    return events, cursor
+
+
+def subscribe(identity: Identity, md: tuple[tuple[str, str], ...], cursor: str = "", batch_size: int = 0):  # type: ignore[no-untyped-def]
+    return identity.stub.SubscribeEvents(ipb.SubscribeEventsRequest(cursor=cursor, batch_size=batch_size), metadata=md)
+
+
+async def test_backlog_then_live_then_resume_without_loss_or_repeats(identity: Identity, tenant: Tenant) -> None:
+    user = uid()
+    first = [track(f"E{i}", user_id=user) for i in range(5)]
+    await identity.record(tenant, *first)
+    call = subscribe(identity, tenant.md, batch_size=2)
+    got, _ = await read_events(call, 2)
+    assert [e.event.message_id for e in got] == [e.message_id for e in first[:2]]
+    resume_at = (await call.read()).cursor  # after the first four
+    call.cancel()
+
+    more = [track(f"F{i}", user_id=user) for i in range(3)]
+    await identity.record(tenant, *more)
+    call = subscribe(identity, tenant.md, cursor=resume_at)
+    got, cursor = await read_events(call, 4)
+    assert [e.event.message_id for e in got] == [e.message_id for e in [*first[4:], *more]]
+    assert all(e.workspace_id == tenant.workspace.id for e in got)
+    seqs = [e.sequence for e in got]
+    assert seqs == sorted(seqs)
+
+    # Live: a batch committed while the subscriber waits reaches it without a reconnect.
+    live = identify({"phone": "+14155552671"}, user_id=user, phone="+14155552671")
+    await identity.record(tenant, live)
+    got, cursor = await read_events(call, 1)
+    assert [e.event.message_id for e in got] == [live.message_id]
+    assert got[0].contact_id
+    call.cancel()
+
+    # Resuming from the very last cursor yields nothing old: the next thing read is new.
+    call = subscribe(identity, tenant.md, cursor=cursor)
+    newest = track("After Resume", user_id=user)
+    await identity.record(tenant, newest)
+    got, _ = await read_events(call, 1)
+    assert [e.event.message_id for e in got] == [newest.message_id]
+    call.cancel()
+
+
+async def test_events_stream_with_the_contact_they_had_at_commit(identity: Identity, tenant: Tenant) -> None:
+    anon = uid("anon")
+    before = page("Home", anonymous_id=anon)
+    await identity.record(tenant, before)
+    phone = identify({"phone": "+14155552671"}, anonymous_id=anon, phone="+14155552671")
+    contact_id = (await identity.record(tenant, phone)).results[0].contact_id
+    call = subscribe(identity, tenant.md)
+    got, _ = await read_events(call, 2)
+    call.cancel()
+    assert [(e.event.message_id, e.contact_id) for e in got] == [
+        (before.message_id, ""),
+        (phone.message_id, contact_id),
+    ]
+    timeline = await identity.stub.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact_id), metadata=tenant.md
+    )
+    assert {e.contact_id for e in timeline.events} == {contact_id} and len(timeline.events) == 2
+
+
+async def test_an_event_committed_after_a_later_numbered_one_is_still_delivered(
+    identity: Identity, tenant: Tenant
+) -> None:
+    held, quick = track("Held Open", user_id=uid()), track("Committed First", user_id=uid())
+    call = subscribe(identity, tenant.md)
+    pool = await create_pool(identity.db_url, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await repository.record_events(conn, tenant.workspace.id, [held])
+                held_seq = await conn.fetchval(
+                    "SELECT seq FROM identity.events WHERE workspace_id = $1::uuid AND message_id = $2",
+                    tenant.workspace.id,
+                    held.message_id,
+                )
+                await identity.record(tenant, quick)  # commits while `held` is still open
+                quick_seq = await pool.fetchval(
+                    "SELECT seq FROM identity.events WHERE workspace_id = $1::uuid AND message_id = $2",
+                    tenant.workspace.id,
+                    quick.message_id,
+                )
+                # Numbering alone would deliver `quick` now and skip `held` for ever.
+                assert held_seq < quick_seq
+                rows, held_back = await repository.stream_page(pool, tenant.workspace.id, Cursor(), 100)
+                assert rows == [] and held_back
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+        got, _ = await read_events(call, 2)
+        assert [e.event.message_id for e in got] == [held.message_id, quick.message_id]
+    finally:
+        call.cancel()
+        await pool.close()
+
+
+async def test_workspace_keys_stream_only_their_workspace_and_internal_callers_see_all(
+    identity: Identity, tenant: Tenant, make_workspace
+) -> None:  # type: ignore[no-untyped-def]
+    other = await identity.tenant(make_workspace)
+    mine, theirs = track("Mine", user_id=uid()), track("Theirs", user_id=uid())
+    await identity.record(other, theirs)
+    await identity.record(tenant, mine)
+    call = subscribe(identity, tenant.md)
+    got, _ = await read_events(call, 1)
+    call.cancel()
+    assert [e.event.message_id for e in got] == [mine.message_id]
+
+    everything = subscribe(identity, identity.internal_md, batch_size=1000)
+    seen: dict[str, str] = {}
+    while not {mine.message_id, theirs.message_id} <= seen.keys():
+        response = await asyncio.wait_for(everything.read(), HANG_GUARD)
+        seen.update({e.event.message_id: e.workspace_id for e in response.events})
+    everything.cancel()
+    assert seen[mine.message_id] == tenant.workspace.id and seen[theirs.message_id] == other.workspace.id
+
+
+async def test_bad_cursor_and_batch_size(identity: Identity, tenant: Tenant) -> None:
+    from services.common.errors import field_violations
+
+    for request, field in (
+        (ipb.SubscribeEventsRequest(cursor="not-a-cursor"), "cursor"),
+        (ipb.SubscribeEventsRequest(batch_size=1001), "batch_size"),
+        (ipb.SubscribeEventsRequest(batch_size=-1), "batch_size"),
+    ):
+        call = identity.stub.SubscribeEvents(request, metadata=tenant.md)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in await field_violations(info.value)] == [field]
