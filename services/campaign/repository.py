@@ -402,7 +402,7 @@ async def list_enrollments(
         token = encode_token(rows[-1]["enroll_time"].isoformat(), rows[-1]["id"])
     history = await pool.fetch(
         """SELECT * FROM campaign.step_history WHERE workspace_id = $1 AND enrollment_id = ANY($2::uuid[])
-           ORDER BY enter_time, step_id, visit""",
+           ORDER BY enter_time, seq""",
         ws, [r["id"] for r in rows],
     )
     return list(rows), list(history), token

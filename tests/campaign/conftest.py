@@ -122,11 +122,17 @@ class Stack:
         """Make a contact (an identify with a phone) and return its id."""
         ids = await self.record(self.event("", user=user, traits={"phone": phone, **traits}, phone=phone))
         assert ids[0], "identity did not resolve a contact"
+        consent = msg_pb.Consent(phone=phone, channel=msg_pb.CHANNEL_SMS, subscribed=True, source="api")
+        consent.consent_time.FromDatetime(datetime.now(UTC))
+        await self.msg_stub.SetConsent(msg_pb.SetConsentRequest(consent=consent), metadata=self.imd())
         return ids[0]
 
     async def messages(self, contact_id: str) -> list[msg_pb.Message]:
         resp = await self.msg_stub.ListMessages(msg_pb.ListMessagesRequest(contact_id=contact_id), metadata=self.imd())
-        return [m for m in resp.messages if m.direction == msg_pb.MESSAGE_DIRECTION_OUTBOUND]
+        return [
+            m for m in resp.messages
+            if m.direction == msg_pb.MESSAGE_DIRECTION_OUTBOUND and m.status != msg_pb.MESSAGE_STATUS_BLOCKED
+        ]
 
     async def close(self) -> None:
         for ch in self._channels:

@@ -82,6 +82,8 @@ CREATE TABLE step_history (
     task_id        text        NOT NULL DEFAULT '',
     delivery       text        NOT NULL DEFAULT '',   -- delivered | failed, from outcome events
     task_completed boolean     NOT NULL DEFAULT false,
+    -- Insertion order: steps run in one instant keep the order they ran in.
+    seq            bigint      GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (workspace_id, enrollment_id, step_id, visit)
 );
 CREATE INDEX step_history_campaign ON step_history (workspace_id, campaign_id, version, step_id);
