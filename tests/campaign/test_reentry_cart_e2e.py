@@ -1,0 +1,106 @@
+"""Over real services: abandoned cart keyed on cart_id, re-entry policies, frequency caps, audience filters."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from parley.campaign.v1 import campaign_service_pb2 as pb
+from tests.campaign.conftest import Stack
+
+CART = {
+    "trigger": {"event": {"name": "Checkout Started"}},
+    "steps": [
+        {"id": "await", "wait_for_event": {"event": {"name": "Order Completed"}, "match_key": "cart_id",
+                                           "timeout": "2h", "on_event": "", "on_timeout": "sms"}},
+        {"id": "sms", "send_sms": {"body": "You left {{event.item|default:\"something\"}} in cart {{event.cart_id}}"}},
+    ],
+}
+
+
+async def _enrollments(s: Stack, contact_id: str) -> list[pb.Enrollment]:
+    resp = await s.campaign.stub.ListEnrollments(pb.ListEnrollmentsRequest(contact_id=contact_id),
+                                                 metadata=s.campaign.md)
+    return list(resp.enrollments)
+
+
+async def test_abandoned_cart_keyed_on_cart_id(stack: Stack) -> None:
+    s = stack
+    await s.campaign.live("cart", CART)
+    other = await s.contact("u-cart-1", "+12125550201")
+    same = await s.contact("u-cart-2", "+12125550202")
+    await s.record(
+        s.event("Checkout Started", user="u-cart-1", props={"cart_id": "c1", "item": "a kayak"}),
+        s.event("Checkout Started", user="u-cart-2", props={"cart_id": "c2"}),
+    )
+    await s.engine.run_due()
+    s.clock.advance(timedelta(minutes=20))
+    await s.record(
+        s.event("Order Completed", user="u-cart-1", props={"cart_id": "other-cart"}),
+        s.event("Order Completed", user="u-cart-2", props={"cart_id": "c2"}),
+    )
+    await s.engine.run_due()
+    assert (await _enrollments(s, same))[0].state == pb.ENROLLMENT_STATE_COMPLETED
+    assert (await _enrollments(s, other))[0].current_step_id == "await"
+    s.clock.advance(timedelta(hours=2))
+    await s.engine.run_due()
+    assert [m.body for m in await s.messages(other)] == ["You left a kayak in cart c1"]
+    assert await s.messages(same) == []
+
+
+REENTRY = {
+    "trigger": {"event": {"name": "Pricing Viewed", "conditions": [{"key": "plan", "operator": "eq", "value": "pro"}]}},
+    "audience": [{"key": "tier", "operator": "neq", "value": "blocked"}],
+    "re_entry": {"policy": "after_cooldown", "cooldown": "1d"},
+    "frequency_cap": {"max_messages": 1, "period": "7d"},
+    "steps": [{"id": "sms", "send_sms": {"body": "Pro is 20% off today"}}],
+}
+
+
+async def test_cooldown_frequency_cap_audience_and_conditions(stack: Stack) -> None:
+    s = stack
+    await s.campaign.live("pricing", REENTRY)
+    pat = await s.contact("u-pat", "+12125550301")
+    blocked = await s.contact("u-blk", "+12125550302", tier="blocked")
+    view = {"plan": "pro"}
+    await s.record(s.event("Pricing Viewed", user="u-pat", props=view),
+                   s.event("Pricing Viewed", user="u-blk", props=view),
+                   s.event("Pricing Viewed", user="u-pat", props={"plan": "basic"}))
+    await s.engine.run_due()
+    assert len(await _enrollments(s, pat)) == 1 and await _enrollments(s, blocked) == []
+    assert len(await s.messages(pat)) == 1
+    # Within the cool-down: no new enrollment.
+    s.clock.advance(timedelta(hours=2))
+    await s.record(s.event("Pricing Viewed", user="u-pat", props=view))
+    assert len(await _enrollments(s, pat)) == 1
+    # After it: enrolls again, but the frequency cap (1 per 7 days) skips the send.
+    s.clock.advance(timedelta(days=1))
+    await s.record(s.event("Pricing Viewed", user="u-pat", props=view))
+    await s.engine.run_due()
+    rows = await _enrollments(s, pat)
+    assert len(rows) == 2 and rows[0].history[0].outcome == "skipped"
+    assert len(await s.messages(pat)) == 1
+
+
+ONCE = {
+    "trigger": {"event": {"name": "Demo Booked"}},
+    "steps": [{"id": "wait", "next": "sms", "wait": {"duration": "1h"}},
+              {"id": "sms", "send_sms": {"body": "See you at the demo"}}],
+}
+
+
+async def test_once_and_any_time_keep_one_active_enrollment(stack: Stack) -> None:
+    s = stack
+    await s.campaign.live("demo-once", ONCE)
+    any_time = dict(ONCE, re_entry={"policy": "any_time"})
+    await s.campaign.live("demo-any", any_time)
+    kim = await s.contact("u-kim", "+12125550401")
+    await s.record(s.event("Demo Booked", user="u-kim"), s.event("Demo Booked", user="u-kim"))
+    await s.engine.run_due()
+    assert len(await _enrollments(s, kim)) == 2  # one per campaign, despite two triggers
+    s.clock.advance(timedelta(hours=2))
+    await s.engine.run_due()
+    await s.record(s.event("Demo Booked", user="u-kim"))
+    rows = await _enrollments(s, kim)
+    # "once" never again; "any time" enrolls again now the first run has ended.
+    assert len(rows) == 3 and sum(r.state == pb.ENROLLMENT_STATE_ACTIVE for r in rows) == 1
+    assert len(await s.messages(kim)) == 2
