@@ -340,7 +340,10 @@ async def contact_by_phone(pool: asyncpg.Pool, workspace_id: str, phone: str) ->
 
 
 def _condition_sql(cond: Condition, args: list[Any]) -> str:
-    """SQL for one property condition; operands are bound parameters, never spliced text."""
+    """SQL for one property condition; operands are bound parameters, never spliced text.
+
+    jsonb parameters are passed as Python values: the pool's codec encodes them.
+    """
 
     def bind(value: Any, cast: str) -> str:
         args.append(value)
@@ -357,9 +360,9 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         nested: Any = v
         for key in reversed(cond.path):
             nested = {key: nested}
-        return f"(c.properties @> {bind(json.dumps(nested), 'jsonb')} AND {p} = {bind(json.dumps(v), 'jsonb')})"
+        return f"(c.properties @> {bind(nested, 'jsonb')} AND {p} = {bind(v, 'jsonb')})"
     if op == "neq":
-        return f"{p} IS DISTINCT FROM {bind(json.dumps(v), 'jsonb')}"
+        return f"{p} IS DISTINCT FROM {bind(v, 'jsonb')}"
     if op in ("gt", "gte", "lt", "lte"):
         sym = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
         if isinstance(v, (int, float)):
@@ -369,10 +372,10 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         text = bind(str(v).lower(), "text")
         return (
             f"((jsonb_typeof({p}) = 'string' AND strpos(lower({p} #>> '{{}}'), {text}) > 0)"
-            f" OR (jsonb_typeof({p}) = 'array' AND {p} @> {bind(json.dumps([v]), 'jsonb')}))"
+            f" OR (jsonb_typeof({p}) = 'array' AND {p} @> {bind([v], 'jsonb')}))"
         )
     if op == "in":
-        return f"({p} IS NOT NULL AND jsonb_build_array({p}) <@ {bind(json.dumps(v), 'jsonb')})"
+        return f"({p} IS NOT NULL AND jsonb_build_array({p}) <@ {bind(v, 'jsonb')})"
     raise ValueError(f"unknown operator {op}")
 
 
