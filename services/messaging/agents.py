@@ -107,7 +107,9 @@ async def complete(
             for channel in ("sms", "voice"):
                 _, more = await change_consent(
                     conn,
-                    ConsentChange(ws.id, done["phone"], channel, False, now, "disposition", consent_text=notes[:500]),
+                    ConsentChange(
+                        ws.id, done["phone"], channel, False, now, "disposition", consent_text=notes[:500], live=True
+                    ),
                 )
                 outcomes.extend(more)
             # Open tasks for the same phone would call someone who asked not to be contacted.

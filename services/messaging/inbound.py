@@ -112,7 +112,8 @@ async def receive_sms(app: Messaging, ws: Workspace, form: Mapping[str, str], to
             channels, subscribed = ("sms",), True
         for channel in channels:
             _, more = await change_consent(
-                conn, ConsentChange(ws.id, phone, channel, subscribed, now, "keyword", consent_text=body[:500])
+                conn,
+                ConsentChange(ws.id, phone, channel, subscribed, now, "keyword", consent_text=body[:500], live=True),
             )
             outcomes.extend(more)
         if intent is Intent.OPT_OUT_PHRASE:

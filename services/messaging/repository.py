@@ -66,6 +66,9 @@ class ConsentChange:
     source: str
     consent_text: str = ""
     ip: str = ""
+    # The contact's own act, happening now (a keyword reply, a call disposition): it applies in
+    # arrival order even over a recorded consent whose (client-given) time is later.
+    live: bool = False
 
 
 # ---------------------------------------------------------------- policy
@@ -508,10 +511,13 @@ async def apply_consent(conn: asyncpg.Connection, c: ConsentChange) -> tuple[asy
                (workspace_id, phone, channel, subscribed, consent_time, source, consent_text, ip)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT (workspace_id, phone, channel) DO UPDATE SET
-               subscribed = EXCLUDED.subscribed, consent_time = EXCLUDED.consent_time,
+               subscribed = EXCLUDED.subscribed,
+               consent_time = CASE WHEN $9
+                                   THEN greatest(EXCLUDED.consent_time, k.consent_time + interval '1 microsecond')
+                                   ELSE EXCLUDED.consent_time END,
                source = EXCLUDED.source, consent_text = EXCLUDED.consent_text, ip = EXCLUDED.ip,
                update_time = now()
-           WHERE k.consent_time <= EXCLUDED.consent_time
+           WHERE $9 OR k.consent_time <= EXCLUDED.consent_time
            RETURNING *""",
         c.workspace_id,
         c.phone,
@@ -521,6 +527,7 @@ async def apply_consent(conn: asyncpg.Connection, c: ConsentChange) -> tuple[asy
         c.source,
         c.consent_text,
         c.ip,
+        c.live,
     )
     return row, previous
 

@@ -173,9 +173,7 @@ async def make_stack(db_url: str, make_workspace: Any) -> AsyncIterator[StackFac
             twilio_from_number=FROM_NUMBER,
             twilio_api_base_url=twilio.base_url,
             public_base_url=PUBLIC_BASE,
-            identity_addr=NOWHERE,
-            ingest_addr=NOWHERE,
-            **overrides,
+            **{"identity_addr": NOWHERE, "ingest_addr": NOWHERE, **overrides},
         )
         server = await start(build_module(tuning), settings, port=0)
         ws, key = await make_workspace(db_url)

@@ -112,3 +112,15 @@ async def test_identify_traits_from_the_stream(stack: Stack) -> None:
     # The opt-in lets a marketing send through.
     msg = await stack.send(request_id="after-identify", phone=phone, body="Welcome!")
     assert msg.status == pb.MESSAGE_STATUS_QUEUED
+
+
+async def test_stop_reply_wins_over_a_future_dated_consent(stack: Stack) -> None:
+    """A client clock ahead of ours must not make a contact's STOP ineffective."""
+    phone = "+12125550306"
+    assert (await set_consent(stack, phone, True, datetime(2030, 1, 1, tzinfo=UTC))).applied
+    await stack.inbound(phone, "STOP", "SMc306")
+    got = await stack.messaging.GetConsent(pb.GetConsentRequest(phone=phone), metadata=stack.md)
+    [sms] = got.consents
+    assert not sms.subscribed and sms.source == "keyword"
+    # And a dated change older than the STOP still cannot undo it.
+    assert not (await set_consent(stack, phone, True, datetime(2029, 1, 1, tzinfo=UTC))).applied
