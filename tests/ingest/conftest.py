@@ -109,4 +109,5 @@ def track(name: str = "Loan Approved", **kw: Any) -> Event:
     for key in ("properties", "traits", "context"):
         if isinstance(kw.get(key), dict):
             kw[key] = struct(kw[key])
-    return Event(type=EventType.EVENT_TYPE_TRACK, name=name, **kw)
+    kw.setdefault("type", EventType.EVENT_TYPE_TRACK)
+    return Event(name=name, **kw)
