@@ -97,3 +97,33 @@ async def test_retrying_a_step_never_sends_twice(stack: Stack) -> None:
     await s.engine.run_due()
     msgs = await s.messages(dee)
     assert len(msgs) == 1 and msgs[0].id == first.id
+
+
+async def test_preview_renders_without_sending(stack: Stack) -> None:
+    s = stack
+    from tests.campaign.conftest import definition
+
+    eve = await s.contact("u-eve", "+12125550105", first_name="Eve")
+    trigger = s.event("Application Started", user="u-eve", props={"app_id": "A-77"})
+    resp = await s.campaign.stub.PreviewCampaign(
+        pb.PreviewCampaignRequest(definition=definition(JOURNEY), phone="(212) 555-0105", trigger_event=trigger),
+        metadata=s.campaign.md,
+    )
+    assert resp.would_enroll and resp.contact.id == eve
+    assert [p.step_id for p in resp.steps] == ["grace", "submitted", "nudge", "day", "call"]
+    assert resp.steps[2].rendered == "Hi Eve, your application A-77 is one step away."
+    assert resp.steps[4].rendered == "Follow up on A-77"
+    assert await s.messages(eve) == []
+    bad = definition(JOURNEY)
+    bad.steps[2].send_sms.body = "{{contact.first_name"
+    from services.common.errors import field_violations
+
+    try:
+        await s.campaign.stub.PreviewCampaign(
+            pb.PreviewCampaignRequest(definition=bad, contact_id=eve), metadata=s.campaign.md
+        )
+    except Exception as err:  # noqa: BLE001
+        fields = [v.field for v in await field_violations(err)]  # type: ignore[arg-type]
+        assert fields == ["definition.steps[2].send_sms.body"]
+    else:
+        raise AssertionError("a bad template must be rejected")
