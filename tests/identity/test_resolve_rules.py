@@ -1,0 +1,69 @@
+"""The resolution rules without a database: property merges, joins, phones and waiting events."""
+
+from __future__ import annotations
+
+import uuid
+
+from parley.common.v1.event_pb2 import EventType
+
+from services.identity.resolve import (
+    ANONYMOUS,
+    USER,
+    ContactState,
+    StoredState,
+    UserState,
+    merge_properties,
+    resolve,
+)
+from tests.identity.conftest import event, identify, track
+
+
+def empty() -> StoredState:
+    return StoredState(identities={}, users={}, contacts={}, existing={})
+
+
+def test_merge_newest_wins_and_removals_stick() -> None:
+    props: dict[str, object] = {}
+    times: dict[str, int] = {}
+    assert merge_properties(props, times, {"a": 1, "b": 2}, 10)
+    assert not merge_properties(props, times, {"a": 0}, 5)  # older: ignored
+    assert merge_properties(props, times, {"b": None}, 20)  # removal
+    assert not merge_properties(props, times, {"b": 3}, 15)  # older than the removal
+    assert merge_properties(props, times, {"a": 4}, 10)  # equal time: the later write wins
+    assert props == {"a": 4} and times == {"a": 10, "b": 20}
+
+
+def test_waiting_events_of_a_stored_user_are_adopted_by_its_first_contact() -> None:
+    key = uuid.uuid4()
+    state = empty()
+    state.identities[(ANONYMOUS, "dev")] = key
+    state.users[key] = UserState(key=key, traits={"plan": "a"}, trait_times={"plan": 1}, stored=True)
+    plan = resolve([identify({"phone": "x"}, anonymous_id="dev", user_id="u1", phone="+14155552671")], state)
+    [contact] = plan.contacts
+    assert plan.adopt == [(key, contact.id)]
+    assert contact.properties == {"plan": "a", "phone": "+14155552671"}
+    assert (USER, "u1", key) in plan.new_identities
+    assert plan.contact_users == [(contact.id, key)]
+
+
+def test_joining_users_moves_the_waiting_history_to_the_contact() -> None:
+    anon_key, user_key, contact_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    state = empty()
+    state.identities[(ANONYMOUS, "dev")] = anon_key
+    state.identities[(USER, "u1")] = user_key
+    state.users[anon_key] = UserState(key=anon_key, stored=True)
+    state.users[user_key] = UserState(
+        key=user_key, contact_id=contact_id, phone="+14155552671", phone_time=1, identified=True, stored=True
+    )
+    state.contacts[contact_id] = ContactState(id=contact_id, phone="+14155552671", stored=True)
+    plan = resolve([track(anonymous_id="dev", user_id="u1")], state)
+    assert plan.merges == [(anon_key, user_key)]
+    assert plan.adopt == [(anon_key, contact_id)]
+    assert plan.outcomes[0].contact_id == contact_id
+    assert {u.key: u.merged_into for u in plan.users}[anon_key] == user_key
+
+
+def test_phone_only_events_go_straight_to_the_contact() -> None:
+    plan = resolve([event(EventType.EVENT_TYPE_IDENTIFY, phone="+14155552671", traits={"a": 1})], empty())
+    assert plan.outcomes[0].contact_id == plan.contacts[0].id
+    assert plan.users == [] and plan.events[0].user_key is None
