@@ -64,6 +64,9 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
         {_lock_key(workspace_id, kind, value) for kind, value in ids}
         | {_lock_key(workspace_id, "phone", p) for p in phones}
     )
+    # The events lock comes first, before this transaction has an xid: stream readers rely on
+    # every transaction that can add events holding it whenever it has an xid.
+    await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
     await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", keys)
 
     id_list = sorted(ids)
@@ -538,30 +541,47 @@ async def user_by_identity(
 # ---- the stream ----------------------------------------------------------------------------------
 
 
+# The oldest transaction that may still add events: the oldest running transaction that holds
+# the events table lock (writers take it before they get an xid), else the snapshot's xmax.
+# Taken in its own statement, before the rows are read under a later snapshot.
+_WRITERS_BOUND = """
+WITH s AS (SELECT pg_current_snapshot() AS snap),
+writers AS (
+    SELECT t.transactionid
+      FROM pg_locks r
+      JOIN pg_locks t ON t.virtualtransaction = r.virtualtransaction
+     WHERE r.locktype = 'relation' AND r.granted
+       AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND r.relation = 'identity.events'::regclass
+       AND t.locktype = 'transactionid' AND t.granted AND t.mode = 'ExclusiveLock')
+SELECT LEAST(pg_snapshot_xmax(s.snap),
+             (SELECT min(x) FROM pg_snapshot_xip(s.snap) AS x
+               WHERE (x::text::numeric % 4294967296)::text::xid IN (SELECT transactionid FROM writers)))::text
+  FROM s"""
+
+
 async def stream_page(
     pool: asyncpg.Pool, workspace_id: str | None, cursor: Cursor, limit: int
 ) -> tuple[list[EventRow], bool]:
-    """Events after ``cursor`` in (xid, seq) order whose transactions are all finished; and whether more wait.
+    """Events after ``cursor`` in (xid, seq) order whose writing transactions have all ended; and whether more wait.
 
-    Only rows whose xid is below the snapshot's xmin are returned: every transaction below
-    xmin has ended, so no row can later appear before the last one returned. The second
-    value is True when committed rows exist past the cursor but are held back by an older
-    transaction still open (the caller polls briefly until it ends).
+    Fast path: only rows whose xid is below the snapshot's xmin — every transaction below it
+    has ended, so no row can later appear before the last one returned. When that finds
+    nothing but rows wait past the cursor (some older transaction is open), the bound is
+    narrowed to the oldest open transaction that writes events (see ``_WRITERS_BOUND``), so
+    a long transaction of another service on the same server does not hold the stream back.
+    The second value is True when rows are still held back by an open event writer.
     """
     args: list[Any] = [str(cursor.xid), cursor.seq]
     scope = ""
     if workspace_id is not None:
         args.append(uuid.UUID(workspace_id))
         scope = "e.workspace_id = $3 AND"
+    page = f"""SELECT {_EVENT_COLUMNS} FROM identity.events e
+                WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8) AND e.xid < {{bound}}
+                ORDER BY e.xid, e.seq LIMIT ${len(args) + 1}"""
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            f"""SELECT {_EVENT_COLUMNS} FROM identity.events e
-                 WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8)
-                   AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
-                 ORDER BY e.xid, e.seq LIMIT ${len(args) + 1}""",
-            *args,
-            limit,
-        )
+        rows = await conn.fetch(page.format(bound="pg_snapshot_xmin(pg_current_snapshot())"), *args, limit)
         if rows:
             return [_event(r, "recorded_contact_id") for r in rows], False
         waiting = await conn.fetchval(
@@ -569,7 +589,13 @@ async def stream_page(
                  WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8))""",
             *args,
         )
-    return [], bool(waiting)
+        if not waiting:
+            return [], False
+        bound = await conn.fetchval(_WRITERS_BOUND)
+        rows = await conn.fetch(page.format(bound=f"${len(args) + 2}::text::xid8"), *args, limit, bound)
+    if rows:
+        return [_event(r, "recorded_contact_id") for r in rows], False
+    return [], True
 
 
 def event_time_us(dt: datetime) -> int:

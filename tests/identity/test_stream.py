@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import grpc
 import pytest
 from parley.identity.v1 import identity_service_pb2 as ipb
@@ -124,6 +125,23 @@ async def test_an_event_committed_after_a_later_numbered_one_is_still_delivered(
     finally:
         call.cancel()
         await pool.close()
+
+
+async def test_an_open_transaction_that_writes_no_events_does_not_hold_the_stream_back(
+    identity: Identity, tenant: Tenant
+) -> None:
+    other = await asyncpg.connect(identity.db_url)
+    call = subscribe(identity, tenant.md)
+    try:
+        async with other.transaction():
+            await other.fetchval("SELECT pg_current_xact_id()")  # an older open transaction with an xid
+            quick = track("While Another Transaction Is Open", user_id=uid())
+            await identity.record(tenant, quick)
+            got, _ = await read_events(call, 1)
+            assert [e.event.message_id for e in got] == [quick.message_id]
+    finally:
+        call.cancel()
+        await other.close()
 
 
 async def test_workspace_keys_stream_only_their_workspace_and_internal_callers_see_all(
