@@ -49,8 +49,10 @@ from parley.ingest.v1 import ingest_service_pb2 as pb  # noqa: E402
 from services.common import tenancy  # noqa: E402
 from services.common.db import create_pool  # noqa: E402
 from services.common.embedded import embedded_server_url, with_database  # noqa: E402
+from services.common.logs import configure_logging  # noqa: E402
 
 USERS = 50_000
+FLOOR = "gRPC Health.Check, no-op (64 callers)"
 TICKS = os.sysconf("SC_CLK_TCK")
 AREA_CODES = (415, 212, 646, 312, 617, 206, 303, 512)
 
@@ -337,6 +339,18 @@ async def grpc_singles(addr: str, md: Any, bodies: list[bytes], callers: int) ->
         return await run_pool(bodies, callers, send)
 
 
+async def health_checks(addr: str, count: int, callers: int) -> tuple[int, float]:
+    """The cost of a bare Python gRPC call on this machine: the floor under single-event calls."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+
+        async def check(_: int) -> int:
+            await stub.Check(health_pb2.HealthCheckRequest())
+            return 1
+
+        return await run_pool(list(range(count)), callers, check)
+
+
 async def http_batches(url: str, key: str, bodies: list[tuple[bytes, int]], senders: int) -> tuple[int, float]:
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", "Authorization": f"Bearer {key}"}
     connector = aiohttp.TCPConnector(limit=senders)
@@ -547,6 +561,7 @@ async def main(args: argparse.Namespace) -> None:
                 "HTTP /v1/batch (100/gzip, 16 senders)",
                 lambda: http_batches(f"http://127.0.0.1:{http_port}/v1/batch", key, http_bodies, 16),
             ),
+            (FLOOR, lambda: health_checks(ingest_addr, args.singles, 64)),
         ):
             log(f"phase: {label}")
             m = Meter(meter.cpu)
@@ -600,7 +615,7 @@ def report(
     profile_rows: list[str],
     args: argparse.Namespace,
 ) -> None:
-    batch_label, single_label, http_label = list(results)
+    batch_label, single_label, http_label = list(results)[:3]
     batch_rate = results[batch_label][0] / results[batch_label][1]
     single_rate = results[single_label][0] / results[single_label][1]
     http_rate = results[http_label][0] / results[http_label][1]
@@ -618,9 +633,13 @@ def report(
         batch_label: (batch_rate >= 20_000 and batch_rate / copy_rate >= 0.20, "≥ 20,000/s and ≥ 0.20 x COPY"),
         single_label: (single_rate >= 1_500, "≥ 1,500/s"),
         http_label: (http_rate >= 0.5 * batch_rate, "≥ 0.5 x gRPC batch"),
+        FLOOR: (True, "(reference: calls/s, not events)"),
     }
     for label, (count, took, _m) in results.items():
         met, target = targets[label]
+        if label == FLOOR:
+            lines.append(f"| {label} | {count:,} | {took:.1f} | {count / took:,.0f} | {target} | |")
+            continue
         lines.append(
             f"| {label} | {count:,} | {took:.1f} | {count / took:,.0f} | {target} | {'yes' if met else 'no'} |"
         )
@@ -664,4 +683,5 @@ if __name__ == "__main__":
     parser.add_argument("--http-batches", type=int, default=400, help="HTTP batches of 100 events")
     parser.add_argument("--profile-batches", type=int, default=20, help="batches under cProfile (0: skip)")
     parser.add_argument("--profile-singles", type=int, default=2_000, help="Track calls under cProfile")
+    configure_logging("warning", "json")  # stdout carries only the markdown
     asyncio.run(main(parser.parse_args()))
