@@ -42,7 +42,16 @@ class _Group:
 
     workspace: Workspace
     events: list[Event] = field(default_factory=list)
-    done: asyncio.Future[list[EventResult]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Where each caller's events start in ``events``.
+    starts: list[int] = field(default_factory=list)
+    # Per caller: its results, or the error its call ends with.
+    done: asyncio.Future[list[list[EventResult] | BaseException]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def slices(self) -> list[list[Event]]:
+        ends = [*self.starts[1:], len(self.events)]
+        return [self.events[a:b] for a, b in zip(self.starts, ends, strict=True)]
 
 
 class Forwarder:
@@ -75,7 +84,8 @@ class Forwarder:
         if not queue or len(queue[-1].events) + len(events) > MAX_FORWARD:
             queue.append(_Group(workspace))
         group = queue[-1]
-        offset = len(group.events)
+        caller = len(group.starts)
+        group.starts.append(len(group.events))
         group.events.extend(events)
         if self._in_flight.get(key, 0) < self._max_in_flight:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
@@ -83,8 +93,10 @@ class Forwarder:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         # Shielded: one caller giving up must not cancel the call the others wait on.
-        results = await asyncio.shield(group.done)
-        return results[offset : offset + len(events)]
+        outcome = (await asyncio.shield(group.done))[caller]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def _run(self, key: str) -> None:
         try:
@@ -96,23 +108,38 @@ class Forwarder:
                 if not queue:
                     del self._waiting[key]
                 try:
-                    results = await self._send(group.events, group.workspace)
+                    group.done.set_result(await self._send_group(group))
                 except asyncio.CancelledError:
-                    self._fail(group, Unavailable("ingest is shutting down; the events were not acked, retry"))
+                    error = Unavailable("ingest is shutting down; the events were not acked, retry")
+                    group.done.set_result([error] * len(group.starts))
                     raise
-                except Exception as exc:
-                    self._fail(group, exc)  # every waiter of the group gets the error
-                else:
-                    group.done.set_result(results)
+                except Exception as exc:  # a bug, not identity: still no caller may wait forever
+                    log.exception("forward_failed")
+                    group.done.set_result([exc] * len(group.starts))
         finally:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:
                 del self._in_flight[key]
 
-    @staticmethod
-    def _fail(group: _Group, exc: BaseException) -> None:
-        group.done.set_exception(exc)
-        group.done.exception()  # marked retrieved: a group whose callers left logs no warning
+    async def _send_group(self, group: _Group) -> list[list[EventResult] | BaseException]:
+        """Each caller's outcome. A rejection that a retry cannot fix is retried per caller,
+        so one caller's events identity refuses never fail the others sharing the call."""
+        try:
+            results = await self._send(group.events, group.workspace)
+        except IdentityFailed as exc:
+            if len(group.starts) == 1:
+                return [exc]
+            outcomes: list[list[EventResult] | BaseException] = []
+            for events in group.slices():
+                try:
+                    outcomes.append(await self._send(events, group.workspace))
+                except ParleyError as one:
+                    outcomes.append(one)
+            return outcomes
+        except ParleyError as exc:
+            return [exc] * len(group.starts)
+        ends = [*group.starts[1:], len(results)]
+        return [results[a:b] for a, b in zip(group.starts, ends, strict=True)]
 
     async def _send(self, events: list[Event], workspace: Workspace) -> list[EventResult]:
         self.calls += 1
