@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from parley.common.v1.event_pb2 import Event
 
+from services.common.errors import Aborted
 from services.identity.filters import Condition
 from services.identity.resolve import (
     ContactState,
@@ -277,7 +278,7 @@ async def record_batch(
         except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
             # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
             if attempt == attempts - 1:
-                raise
+                raise Aborted("the batch kept losing races with concurrent batches; nothing was stored, retry") from exc
             log.info("record_retry", attempt=attempt + 1, reason=type(exc).__name__)
     raise AssertionError("unreachable")
 
