@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 import yaml
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+
 from services.campaign.definition import from_dict, validate
 from services.common.clients import channel, key_metadata
 from services.common.errors import InvalidArgument, violations_of

@@ -85,9 +85,7 @@ def filter_problem(f: contact_pb2.PropertyFilter, *, key_required: bool = True) 
     if key_required and not f.key:
         return "key", "required"
     if f.operator not in KNOWN_OPERATORS:
-        return "operator", (
-            "unknown operator; use one of eq, neq, gt, gte, lt, lte, exists, not_exists, contains, in"
-        )
+        return "operator", ("unknown operator; use one of eq, neq, gt, gte, lt, lte, exists, not_exists, contains, in")
     if f.operator in VALUELESS:
         return None
     if not f.HasField("value"):

@@ -22,8 +22,12 @@ WAITING_KINDS = frozenset({"wait", "wait_until", "wait_for_event"})
 # Steps whose successor is Step.next.
 LINEAR_KINDS = frozenset({"wait", "wait_until", "send_sms", "call_task", "set_property"})
 MAX_SMS_BODY = 1600
-_PASSTHROUGH = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue",
-                "google.protobuf.Timestamp"}
+_PASSTHROUGH = {
+    "google.protobuf.Value",
+    "google.protobuf.Struct",
+    "google.protobuf.ListValue",
+    "google.protobuf.Timestamp",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +308,11 @@ def _template(text: str, path: str) -> Iterator[Violation]:
 def _step(step: pb.Step, path: str, event_triggered: bool) -> Iterator[Violation]:
     kind = kind_of(step)
     if not kind:
-        yield Violation(path, "a step needs one kind: wait, wait_until, wait_for_event, branch, split, "
-                              "send_sms, call_task, set_property or exit")
+        yield Violation(
+            path,
+            "a step needs one kind: wait, wait_until, wait_for_event, branch, split, "
+            "send_sms, call_task, set_property or exit",
+        )
     elif kind == "wait":
         yield from _duration(step.wait.duration, f"{path}.wait.duration")
     elif kind == "wait_until":

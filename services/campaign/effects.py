@@ -62,17 +62,32 @@ class Effects(Protocol):
         """The contact by id (or phone); None when identity does not know it."""
         ...
 
-    async def events_since(self, workspace_id: str, contact_id: str, name: str, since: datetime) -> list[dict[str, Any]]:
+    async def events_since(
+        self, workspace_id: str, contact_id: str, name: str, since: datetime
+    ) -> list[dict[str, Any]]:
         """Properties of the contact's events named ``name`` at or after ``since``."""
         ...
 
     async def send_sms(
-        self, workspace_id: str, *, request_id: str, contact: ContactInfo, body: str, transactional: bool,
+        self,
+        workspace_id: str,
+        *,
+        request_id: str,
+        contact: ContactInfo,
+        body: str,
+        transactional: bool,
         campaign_id: str,
     ) -> Result: ...
 
     async def create_call_task(
-        self, workspace_id: str, *, request_id: str, contact: ContactInfo, queue: str, priority: int, notes: str,
+        self,
+        workspace_id: str,
+        *,
+        request_id: str,
+        contact: ContactInfo,
+        queue: str,
+        priority: int,
+        notes: str,
         campaign_id: str,
     ) -> Result: ...
 
@@ -103,7 +118,11 @@ class GrpcEffects:
 
     def __init__(self, settings: Settings, token: str) -> None:
         self._token = token
-        self._channels = [channel(settings.identity_addr), channel(settings.messaging_addr), channel(settings.ingest_addr)]
+        self._channels = [
+            channel(settings.identity_addr),
+            channel(settings.messaging_addr),
+            channel(settings.ingest_addr),
+        ]
         self.identity = id_grpc.IdentityServiceStub(self._channels[0])
         self.messaging = msg_grpc.MessagingServiceStub(self._channels[1])
         self.ingest = in_grpc.IngestServiceStub(self._channels[2])
@@ -124,19 +143,32 @@ class GrpcEffects:
             raise
         return contact_info(resp.contact)
 
-    async def events_since(self, workspace_id: str, contact_id: str, name: str, since: datetime) -> list[dict[str, Any]]:
+    async def events_since(
+        self, workspace_id: str, contact_id: str, name: str, since: datetime
+    ) -> list[dict[str, Any]]:
         req = id_pb.ListContactEventsRequest(contact_id=contact_id, names=[name], page_size=1000)
         req.start_time.FromDatetime(since)
         resp = await self.identity.ListContactEvents(req, metadata=self.md(workspace_id), timeout=_TIMEOUT)
         return [json_format.MessageToDict(e.event.properties) for e in resp.events]
 
     async def send_sms(
-        self, workspace_id: str, *, request_id: str, contact: ContactInfo, body: str, transactional: bool,
+        self,
+        workspace_id: str,
+        *,
+        request_id: str,
+        contact: ContactInfo,
+        body: str,
+        transactional: bool,
         campaign_id: str,
     ) -> Result:
         req = msg_pb.SendSmsRequest(
-            request_id=request_id, contact_id=contact.id, phone=contact.phone, body=body,
-            transactional=transactional, campaign_id=campaign_id, time_zone=contact.time_zone,
+            request_id=request_id,
+            contact_id=contact.id,
+            phone=contact.phone,
+            body=body,
+            transactional=transactional,
+            campaign_id=campaign_id,
+            time_zone=contact.time_zone,
         )
         try:
             resp = await self.messaging.SendSms(req, metadata=self.md(workspace_id), timeout=_TIMEOUT)
@@ -145,12 +177,24 @@ class GrpcEffects:
         return Result("ok", id=resp.message.id, detail=msg_pb.MessageStatus.Name(resp.message.status))
 
     async def create_call_task(
-        self, workspace_id: str, *, request_id: str, contact: ContactInfo, queue: str, priority: int, notes: str,
+        self,
+        workspace_id: str,
+        *,
+        request_id: str,
+        contact: ContactInfo,
+        queue: str,
+        priority: int,
+        notes: str,
         campaign_id: str,
     ) -> Result:
         req = msg_pb.CreateCallTaskRequest(
-            request_id=request_id, contact_id=contact.id, phone=contact.phone, queue=queue, priority=priority,
-            notes=notes, campaign_id=campaign_id,
+            request_id=request_id,
+            contact_id=contact.id,
+            phone=contact.phone,
+            queue=queue,
+            priority=priority,
+            notes=notes,
+            campaign_id=campaign_id,
         )
         try:
             resp = await self.messaging.CreateCallTask(req, metadata=self.md(workspace_id), timeout=_TIMEOUT)
@@ -166,12 +210,18 @@ class GrpcEffects:
         traits = struct_pb2.Struct()
         traits.update({key: value, "phone": contact.phone})
         event = event_pb2.Event(
-            type=event_pb2.EVENT_TYPE_IDENTIFY, message_id=f"campaign:{request_id}", traits=traits,
+            type=event_pb2.EVENT_TYPE_IDENTIFY,
+            message_id=f"campaign:{request_id}",
+            traits=traits,
             user_id=contact.user_ids[0] if contact.user_ids else "",
-            anonymous_id="" if contact.user_ids else (contact.anonymous_ids[0] if contact.anonymous_ids else contact.id),
+            anonymous_id=""
+            if contact.user_ids
+            else (contact.anonymous_ids[0] if contact.anonymous_ids else contact.id),
         )
         try:
-            await self.ingest.Identify(in_pb.IdentifyRequest(event=event), metadata=self.md(workspace_id), timeout=_TIMEOUT)
+            await self.ingest.Identify(
+                in_pb.IdentifyRequest(event=event), metadata=self.md(workspace_id), timeout=_TIMEOUT
+            )
         except grpc.aio.AioRpcError as err:
             return _failure(err)
         return Result("ok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time as _time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ class Engine:
         *,
         batch_size: int = 200,
         concurrency: int = 64,
+        contact_ttl: float = 2.0,
+        live_ttl: float = 1.0,
     ) -> None:
         self.pool = pool
         self.effects = effects
@@ -120,6 +123,11 @@ class Engine:
         self._sem = asyncio.Semaphore(concurrency)
         self._graphs: dict[tuple[str, str, int], Graph] = {}
         self._wake = asyncio.Event()
+        self._contacts = _ContactCache(contact_ttl)
+        # Which campaigns are live, re-read at most every live_ttl seconds (publishing through
+        # another replica shows up here within that time).
+        self.live_ttl = live_ttl
+        self._live: tuple[float, list[Any]] | None = None
         self.events_seen = 0
         self.steps_run = 0
 
@@ -135,6 +143,16 @@ class Engine:
             # Versions are immutable, so caching them forever is safe.
             graph = self._graphs[key] = Graph.of(definition_from_stored(stored))
         return graph
+
+    async def _live_campaigns(self) -> list[Any]:
+        now = _time.monotonic()
+        if self._live is None or now >= self._live[0]:
+            self._live = (now + self.live_ttl, await repository.live_campaigns(self.pool))
+        return self._live[1]
+
+    def campaigns_changed(self) -> None:
+        """Forget the live-campaign list (this replica published, paused or resumed one)."""
+        self._live = None
 
     # ---------------------------------------------------------------------------------- timers
 
@@ -210,9 +228,18 @@ class Engine:
         h = run.history.get(key)
         if h is None:
             h = run.history[key] = {
-                "workspace_id": run.workspace_id, "enrollment_id": run.id, "step_id": run.step_id,
-                "visit": run.visit, "campaign_id": run.campaign_id, "version": run.version, "kind": kind,
-                "enter_time": now, "end_time": None, "outcome": "waiting", "detail": "", "message_id": "",
+                "workspace_id": run.workspace_id,
+                "enrollment_id": run.id,
+                "step_id": run.step_id,
+                "visit": run.visit,
+                "campaign_id": run.campaign_id,
+                "version": run.version,
+                "kind": kind,
+                "enter_time": now,
+                "end_time": None,
+                "outcome": "waiting",
+                "detail": "",
+                "message_id": "",
                 "task_id": "",
             }
         return h
@@ -246,14 +273,20 @@ class Engine:
                     return
                 wait_event, wait_key, wait_value = result.wait
                 run.row.update(
-                    phase=result.phase, due_at=result.due, wait_event=wait_event, wait_key=wait_key,
+                    phase=result.phase,
+                    due_at=result.due,
+                    wait_event=wait_event,
+                    wait_key=wait_key,
                     wait_value=wait_value,
                 )
                 hist.update(outcome=result.outcome, detail=result.detail)
                 return
             hist.update(
-                end_time=now, outcome=result.outcome, detail=result.detail[:500],
-                message_id=result.message_id or hist["message_id"], task_id=result.task_id or hist["task_id"],
+                end_time=now,
+                outcome=result.outcome,
+                detail=result.detail[:500],
+                message_id=result.message_id or hist["message_id"],
+                task_id=result.task_id or hist["task_id"],
             )
             run.row.update(wait_event=None, wait_key=None, wait_value=None, attempts=0)
             if result.end:
@@ -268,7 +301,10 @@ class Engine:
 
     async def _contact(self, run: Run) -> ContactInfo | None:
         if run.contact is None:
-            run.contact = await self.effects.get_contact(str(run.workspace_id), run.contact_id)
+            key = (str(run.workspace_id), run.contact_id)
+            run.contact = self._contacts.get(key)
+            if run.contact is None:
+                run.contact = await self.effects.get_contact(*key)
             if run.contact is not None:
                 run.row.update(phone=run.contact.phone, time_zone=run.contact.time_zone or run.row["time_zone"])
         return run.contact
@@ -306,7 +342,9 @@ class Engine:
                 return Move(w.on_timeout, "timeout")
             value = self._trigger_data(run).get(w.match_key) if w.match_key else None
             return Hold(
-                "event", now + timing.parse_duration(w.timeout), "waiting",
+                "event",
+                now + timing.parse_duration(w.timeout),
+                "waiting",
                 wait=(w.event.name, w.match_key or None, value),
             )
         if kind == "exit":
@@ -339,14 +377,23 @@ class Engine:
             if cap.max_messages > 0:
                 since = now - timing.parse_duration(cap.period)
                 sent = await repository.sms_sent_count(
-                    self.pool, run.workspace_id, run.campaign_id, run.contact_id, since, exclude=(run.id, step.id, run.visit)
+                    self.pool,
+                    run.workspace_id,
+                    run.campaign_id,
+                    run.contact_id,
+                    since,
+                    exclude=(run.id, step.id, run.visit),
                 )
                 if sent + run.sends >= cap.max_messages:
                     return Move(step.next, "skipped", "frequency cap reached")
             body = template.parse(step.send_sms.body).render(data, trigger)
             res = await self.effects.send_sms(
-                str(run.workspace_id), request_id=request_id, contact=contact, body=body,
-                transactional=step.send_sms.transactional, campaign_id=str(run.campaign_id),
+                str(run.workspace_id),
+                request_id=request_id,
+                contact=contact,
+                body=body,
+                transactional=step.send_sms.transactional,
+                campaign_id=str(run.campaign_id),
             )
             if res.status == "retry":
                 return Hold("retry", None, "retrying", detail=res.detail)
@@ -358,8 +405,13 @@ class Engine:
             ct = step.call_task
             notes = template.parse(ct.notes).render(data, trigger) if ct.notes else ""
             res = await self.effects.create_call_task(
-                str(run.workspace_id), request_id=request_id, contact=contact, queue=ct.queue or "default",
-                priority=ct.priority, notes=notes, campaign_id=str(run.campaign_id),
+                str(run.workspace_id),
+                request_id=request_id,
+                contact=contact,
+                queue=ct.queue or "default",
+                priority=ct.priority,
+                notes=notes,
+                campaign_id=str(run.campaign_id),
             )
             if res.status == "retry":
                 return Hold("retry", None, "retrying", detail=res.detail)
@@ -395,9 +447,7 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- events
 
-    async def handle_events(
-        self, events: Sequence[id_pb.StoredEvent], cursor_before: str, cursor_after: str
-    ) -> int:
+    async def handle_events(self, events: Sequence[id_pb.StoredEvent], cursor_before: str, cursor_after: str) -> int:
         """Enroll, exit, wake and convert from one batch of the stream; commit with the cursor.
 
         Returns the number of new enrollments. Raises repository.CursorMoved when another
@@ -419,7 +469,7 @@ class Engine:
         return len(plan.enrollments)
 
     async def _plan(self, events: Sequence[id_pb.StoredEvent], now: datetime, plan: _Plan) -> None:
-        live = await repository.live_campaigns(self.pool)
+        live = await self._live_campaigns()
         by_ws: dict[str, list[tuple[str, int]]] = {}
         for r in live:
             by_ws.setdefault(str(r["workspace_id"]), []).append((str(r["id"]), r["live_version"]))
@@ -429,7 +479,16 @@ class Engine:
         known: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in existing:
             known.setdefault((str(r["workspace_id"]), r["contact_id"]), []).append(dict(r))
-        contacts: dict[tuple[str, str], ContactInfo | None] = {}
+        # Contacts are read once per batch, concurrently, only for events that trigger something.
+        wanted: set[tuple[str, str]] = set()
+        for se in events:
+            data = event_data(se.event)
+            for campaign_id, version in by_ws.get(se.workspace_id, []):
+                graph = await self.graph(se.workspace_id, campaign_id, version)
+                if graph is not None and _needs_contact(graph) and self._triggers(graph, se.event, data):
+                    wanted.add((se.workspace_id, se.contact_id))
+                    break
+        contacts = await self._fetch_contacts(wanted)
 
         for se in events:
             ev = se.event
@@ -439,31 +498,50 @@ class Engine:
             await self._effects_on_existing(se, ev, data, mine, now, plan)
             for campaign_id, version in by_ws.get(se.workspace_id, []):
                 graph = await self.graph(se.workspace_id, campaign_id, version)
-                if graph is None or not await self._triggers(graph, ev, data, se, contacts):
+                if graph is None or not self._triggers(graph, ev, data):
                     continue
                 ours = [e for e in mine if str(e["campaign_id"]) == campaign_id]
                 if not _may_enter(graph.definition.re_entry, ours, now):
                     continue
                 contact = contacts.get(key)
-                if contact is None:
-                    continue
-                if not conditions.all_match(graph.definition.audience, contact.template_data()):
+                if _needs_contact(graph) and (
+                    contact is None or not conditions.all_match(graph.definition.audience, contact.template_data())
+                ):
                     continue
                 row = {
-                    "workspace_id": se.workspace_id, "id": str(uuid.uuid4()), "campaign_id": campaign_id,
-                    "version": version, "contact_id": se.contact_id, "state": "active", "step_id": graph.start,
-                    "enroll_time": now, "end_time": None, "conversion_time": None, "phone": contact.phone,
-                    "time_zone": contact.time_zone, "trigger_event": _trigger_json(ev, data),
-                    "phase": "enter", "wait_event": None, "wait_key": None, "wait_value": None,
+                    "workspace_id": se.workspace_id,
+                    "id": str(uuid.uuid4()),
+                    "campaign_id": campaign_id,
+                    "version": version,
+                    "contact_id": se.contact_id,
+                    "state": "active",
+                    "step_id": graph.start,
+                    "enroll_time": now,
+                    "end_time": None,
+                    "conversion_time": None,
+                    "phone": contact.phone if contact else "",
+                    "time_zone": contact.time_zone if contact else "",
+                    "trigger_event": _trigger_json(ev, data),
+                    "phase": "enter",
+                    "wait_event": None,
+                    "wait_key": None,
+                    "wait_value": None,
                 }
                 plan.enrollments.append(row)
                 mine.insert(0, row)
                 known[key] = mine
 
-    async def _triggers(
-        self, graph: Graph, ev: event_pb2.Event, data: dict[str, Any], se: id_pb.StoredEvent,
-        contacts: dict[tuple[str, str], ContactInfo | None],
-    ) -> bool:
+    async def _fetch_contacts(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], ContactInfo | None]:
+        async def one(key: tuple[str, str]) -> tuple[tuple[str, str], ContactInfo | None]:
+            async with self._sem:
+                contact = await self.effects.get_contact(key[0], key[1])
+            if contact is not None:
+                self._contacts.put(key, contact)
+            return key, contact
+
+        return dict(await asyncio.gather(*(one(k) for k in keys)))
+
+    def _triggers(self, graph: Graph, ev: event_pb2.Event, data: dict[str, Any]) -> bool:
         trig = graph.definition.trigger
         kind = trig.WhichOneof("kind")
         identify = ev.type == event_pb2.EVENT_TYPE_IDENTIFY
@@ -472,8 +550,10 @@ class Engine:
         elif kind == "property_change":
             pc = trig.property_change
             traits = json_format.MessageToDict(ev.traits)
-            hit = identify and pc.key in traits and all(
-                conditions.matches(_keyed(f, pc.key), traits) for f in pc.conditions
+            hit = (
+                identify
+                and pc.key in traits
+                and all(conditions.matches(_keyed(f, pc.key), traits) for f in pc.conditions)
             )
         elif kind == "audience_entry":
             traits = json_format.MessageToDict(ev.traits)
@@ -481,15 +561,16 @@ class Engine:
             hit = identify and bool(keys & set(traits))
         else:
             hit = False
-        if hit:
-            key = (se.workspace_id, se.contact_id)
-            if key not in contacts:
-                contacts[key] = await self.effects.get_contact(se.workspace_id, se.contact_id)
         return hit
 
     async def _effects_on_existing(
-        self, se: id_pb.StoredEvent, ev: event_pb2.Event, data: dict[str, Any], mine: list[dict[str, Any]],
-        now: datetime, plan: _Plan,
+        self,
+        se: id_pb.StoredEvent,
+        ev: event_pb2.Event,
+        data: dict[str, Any],
+        mine: list[dict[str, Any]],
+        now: datetime,
+        plan: _Plan,
     ) -> None:
         if ev.name in DELIVERY_EVENTS and data.get("message_id"):
             plan.deliveries.append((se.workspace_id, str(data["message_id"]), DELIVERY_EVENTS[ev.name]))
@@ -556,6 +637,35 @@ class Engine:
             stream.cancel()
 
 
+class _ContactCache:
+    """Contacts the consumer just read, so the first step of a fresh enrollment need not read again.
+
+    Entries live ``ttl`` seconds (monotonic time): a step may see properties that old, which
+    is the price of one less identity round trip on the trigger-to-send path.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 50_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._items: dict[tuple[str, str], tuple[float, ContactInfo]] = {}
+
+    def put(self, key: tuple[str, str], contact: ContactInfo) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._items) >= self.max_entries:
+            now = _time.monotonic()
+            self._items = {k: v for k, v in self._items.items() if v[0] > now}
+            if len(self._items) >= self.max_entries:
+                self._items.clear()
+        self._items[key] = (_time.monotonic() + self.ttl, contact)
+
+    def get(self, key: tuple[str, str]) -> ContactInfo | None:
+        item = self._items.get(key)
+        if item is None or item[0] < _time.monotonic():
+            return None
+        return item[1]
+
+
 @dataclass
 class _Plan:
     enrollments: list[dict[str, Any]] = field(default_factory=list)
@@ -564,6 +674,15 @@ class _Plan:
     conversions: list[tuple[str, str]] = field(default_factory=list)
     deliveries: list[tuple[str, str, str]] = field(default_factory=list)
     tasks_done: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _needs_contact(graph: Graph) -> bool:
+    """Whether enrolling needs the contact now (an audience to check); else the first step reads it.
+
+    Keeping identity off the consumer's path for such campaigns keeps the stream moving at
+    the rate of our own database, not of a round trip per triggering event.
+    """
+    return bool(graph.definition.audience)
 
 
 def _consumer_lock_key() -> int:
@@ -600,10 +719,10 @@ def _may_enter(re_entry: pb.ReEntry, previous: list[dict[str, Any]], now: dateti
     return False
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+async def wait_until(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
     """Poll ``predicate`` until true (tests and tools waiting on the background loops)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit
     while not await predicate():
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")

@@ -17,8 +17,9 @@ from services.common.errors import NotFound
 MAX_PREVIEW_STEPS = 50
 
 
-async def run(engine: Any, workspace_id: str, definition: pb.CampaignDefinition,
-              request: pb.PreviewCampaignRequest) -> pb.PreviewCampaignResponse:
+async def run(
+    engine: Any, workspace_id: str, definition: pb.CampaignDefinition, request: pb.PreviewCampaignRequest
+) -> pb.PreviewCampaignResponse:
     """The steps the contact would take, assuming waits elapse and awaited events never come."""
     from services.campaign.engine import cohort_for, event_data, matcher_matches
 
@@ -66,7 +67,9 @@ async def run(engine: Any, workspace_id: str, definition: pb.CampaignDefinition,
             ps.description = "send SMS"
         elif kind == "call_task":
             ps.rendered = template.parse(step.call_task.notes).render(data, trigger) if step.call_task.notes else ""
-            ps.description = f"call task in queue {step.call_task.queue or 'default'!r}, priority {step.call_task.priority}"
+            ps.description = (
+                f"call task in queue {step.call_task.queue or 'default'!r}, priority {step.call_task.priority}"
+            )
         elif kind == "set_property":
             value = json_format.MessageToDict(step.set_property.value)
             ps.description = f"set {step.set_property.key} = {value!r}"
@@ -94,6 +97,11 @@ def _contact_proto(c: ContactInfo, workspace_id: str) -> contact_pb2.Contact:
     props = struct_pb2.Struct()
     props.update(c.properties)
     return contact_pb2.Contact(
-        id=c.id, workspace_id=workspace_id, phone=c.phone, time_zone=c.time_zone, properties=props,
-        user_ids=list(c.user_ids), anonymous_ids=list(c.anonymous_ids),
+        id=c.id,
+        workspace_id=workspace_id,
+        phone=c.phone,
+        time_zone=c.time_zone,
+        properties=props,
+        user_ids=list(c.user_ids),
+        anonymous_ids=list(c.anonymous_ids),
     )

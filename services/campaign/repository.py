@@ -57,7 +57,9 @@ async def create_campaign(
     async with pool.acquire() as conn, conn.transaction():
         if request_id:
             prior = await conn.fetchrow(
-                f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND request_id = $2", ws, request_id
+                f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND request_id = $2",
+                ws,
+                request_id,
             )
             if prior is not None:
                 return prior
@@ -66,13 +68,19 @@ async def create_campaign(
                 f"""INSERT INTO campaign.campaigns (workspace_id, id, name, description, draft, request_id)
                     VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''))
                     RETURNING {_CAMPAIGN_COLS}""",
-                ws, uuid.uuid4(), name, description, draft, request_id,
+                ws,
+                uuid.uuid4(),
+                name,
+                description,
+                draft,
+                request_id,
             )
         except asyncpg.UniqueViolationError as exc:
             if "request_id" in str(exc.constraint_name or ""):
                 return await conn.fetchrow(
                     f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND request_id = $2",
-                    ws, request_id,
+                    ws,
+                    request_id,
                 )
             raise AlreadyExists(f"a campaign named {name!r} already exists") from None
         assert row is not None
@@ -83,7 +91,8 @@ async def get_campaign(conn: Conn, ws: str, campaign_id: str, *, lock: bool = Fa
     row = await conn.fetchrow(
         f"SELECT {_CAMPAIGN_COLS} FROM campaign.campaigns WHERE workspace_id = $1 AND id = $2"
         + (" FOR UPDATE" if lock else ""),
-        ws, _uuid(campaign_id, "campaign_id"),
+        ws,
+        _uuid(campaign_id, "campaign_id"),
     )
     if row is None:
         raise NotFound(f"campaign {campaign_id} not found")
@@ -101,7 +110,11 @@ async def update_campaign(
             row = await conn.fetchrow(
                 f"""UPDATE campaign.campaigns SET name = $3, description = $4, draft = $5, update_time = now()
                     WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
-                ws, current["id"], name or current["name"], description, draft,
+                ws,
+                current["id"],
+                name or current["name"],
+                description,
+                draft,
             )
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(f"a campaign named {name!r} already exists") from None
@@ -109,21 +122,29 @@ async def update_campaign(
         return row
 
 
-async def publish(pool: asyncpg.Pool, ws: str, campaign_id: str, definition: dict[str, Any]) -> tuple[asyncpg.Record, int]:
+async def publish(
+    pool: asyncpg.Pool, ws: str, campaign_id: str, definition: dict[str, Any]
+) -> tuple[asyncpg.Record, int]:
     async with pool.acquire() as conn, conn.transaction():
         current = await get_campaign(conn, ws, campaign_id, lock=True)
         if current["state"] == "archived":
             raise FailedPrecondition("an archived campaign cannot be published")
         version = current["live_version"] + 1
         await conn.execute(
-            "INSERT INTO campaign.campaign_versions (workspace_id, campaign_id, version, definition) VALUES ($1, $2, $3, $4)",
-            ws, current["id"], version, definition,
+            "INSERT INTO campaign.campaign_versions (workspace_id, campaign_id, version, definition)"
+            " VALUES ($1, $2, $3, $4)",
+            ws,
+            current["id"],
+            version,
+            definition,
         )
         row = await conn.fetchrow(
             f"""UPDATE campaign.campaigns SET live_version = $3, publish_time = now(), update_time = now(),
                        state = CASE WHEN state = 'draft' THEN 'live' ELSE state END
                 WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
-            ws, current["id"], version,
+            ws,
+            current["id"],
+            version,
         )
         assert row is not None
         return row, version
@@ -139,25 +160,33 @@ async def change_state(
         row = await conn.fetchrow(
             f"""UPDATE campaign.campaigns SET state = $3, update_time = now()
                 WHERE workspace_id = $1 AND id = $2 RETURNING {_CAMPAIGN_COLS}""",
-            ws, current["id"], to,
+            ws,
+            current["id"],
+            to,
         )
         if to == "paused":
             await conn.execute(
-                "UPDATE campaign.enrollments SET paused = true WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
-                ws, current["id"],
+                "UPDATE campaign.enrollments SET paused = true"
+                " WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
+                ws,
+                current["id"],
             )
         elif to == "live":
             await conn.execute(
-                "UPDATE campaign.enrollments SET paused = false WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
-                ws, current["id"],
+                "UPDATE campaign.enrollments SET paused = false"
+                " WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active'",
+                ws,
+                current["id"],
             )
             await conn.execute("SELECT pg_notify('campaign_due', '')")
         elif to == "archived":
             ids = await conn.fetch(
-                """UPDATE campaign.enrollments SET state = 'exited', exit_reason = 'archived', end_time = $3, due_at = NULL,
-                          phase = 'done'
+                """UPDATE campaign.enrollments
+                   SET state = 'exited', exit_reason = 'archived', end_time = $3, due_at = NULL, phase = 'done'
                    WHERE workspace_id = $1 AND campaign_id = $2 AND state = 'active' RETURNING id""",
-                ws, current["id"], now,
+                ws,
+                current["id"],
+                now,
             )
             await _close_pending(conn, [(ws, r["id"]) for r in ids], now, "exited")
         assert row is not None
@@ -173,7 +202,13 @@ async def list_campaigns(
             WHERE workspace_id = $1 AND ($2 = '' OR name = $2) AND ($3 = '' OR state = $3)
               AND ($4 = '' OR (create_time, id) < ($5::text::timestamptz, $6::text::uuid))
             ORDER BY create_time DESC, id DESC LIMIT $7""",
-        ws, name, state, page_token, after_time, after_id, page_size + 1,
+        ws,
+        name,
+        state,
+        page_token,
+        after_time,
+        after_id,
+        page_size + 1,
     )
     token = ""
     if len(rows) > page_size:
@@ -184,8 +219,11 @@ async def list_campaigns(
 
 async def get_version(conn: Conn, ws: str, campaign_id: str, version: int) -> dict[str, Any] | None:
     return await conn.fetchval(
-        "SELECT definition FROM campaign.campaign_versions WHERE workspace_id = $1 AND campaign_id = $2 AND version = $3",
-        uuid.UUID(str(ws)), uuid.UUID(str(campaign_id)), version,
+        "SELECT definition FROM campaign.campaign_versions"
+        " WHERE workspace_id = $1 AND campaign_id = $2 AND version = $3",
+        uuid.UUID(str(ws)),
+        uuid.UUID(str(campaign_id)),
+        version,
     )
 
 
@@ -210,7 +248,8 @@ async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list
         f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments
             WHERE state = 'active' AND NOT paused AND due_at <= $1
             ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
-        now, limit,
+        now,
+        limit,
     )
 
 
@@ -228,18 +267,29 @@ async def save_runs(conn: asyncpg.Connection, rows: list[dict[str, Any]], histor
                 AS u(workspace_id, id, state, step_id, visit, phase, due_at, wait_event, wait_key, wait_value,
                      visits, cohorts, phone, time_zone, attempts, end_time, exit_reason)
            WHERE e.workspace_id = u.workspace_id AND e.id = u.id""",
-        [r["workspace_id"] for r in rows], [r["id"] for r in rows], [r["state"] for r in rows],
-        [r["step_id"] for r in rows], [r["visit"] for r in rows], [r["phase"] for r in rows],
-        [r["due_at"] for r in rows], [r["wait_event"] for r in rows], [r["wait_key"] for r in rows],
+        [r["workspace_id"] for r in rows],
+        [r["id"] for r in rows],
+        [r["state"] for r in rows],
+        [r["step_id"] for r in rows],
+        [r["visit"] for r in rows],
+        [r["phase"] for r in rows],
+        [r["due_at"] for r in rows],
+        [r["wait_event"] for r in rows],
+        [r["wait_key"] for r in rows],
         [None if r["wait_value"] is None else json.dumps(r["wait_value"]) for r in rows],
-        [json.dumps(r["visits"]) for r in rows], [json.dumps(r["cohorts"]) for r in rows],
-        [r["phone"] for r in rows], [r["time_zone"] for r in rows], [r["attempts"] for r in rows],
-        [r["end_time"] for r in rows], [r["exit_reason"] for r in rows],
+        [json.dumps(r["visits"]) for r in rows],
+        [json.dumps(r["cohorts"]) for r in rows],
+        [r["phone"] for r in rows],
+        [r["time_zone"] for r in rows],
+        [r["attempts"] for r in rows],
+        [r["end_time"] for r in rows],
+        [r["exit_reason"] for r in rows],
     )
     if history:
         await conn.execute(
-            """INSERT INTO campaign.step_history AS h (workspace_id, enrollment_id, step_id, visit, campaign_id, version, kind,
-                                         enter_time, end_time, outcome, detail, message_id, task_id)
+            """INSERT INTO campaign.step_history AS h
+                   (workspace_id, enrollment_id, step_id, visit, campaign_id, version, kind, enter_time, end_time,
+                    outcome, detail, message_id, task_id)
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::int[], $7::text[],
                                     $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
                                     $13::text[])
@@ -247,10 +297,24 @@ async def save_runs(conn: asyncpg.Connection, rows: list[dict[str, Any]], histor
                SET end_time = EXCLUDED.end_time, outcome = EXCLUDED.outcome, detail = EXCLUDED.detail,
                    message_id = CASE WHEN EXCLUDED.message_id <> '' THEN EXCLUDED.message_id ELSE h.message_id END,
                    task_id = CASE WHEN EXCLUDED.task_id <> '' THEN EXCLUDED.task_id ELSE h.task_id END""",
-            *[[h[k] for h in history] for k in (
-                "workspace_id", "enrollment_id", "step_id", "visit", "campaign_id", "version", "kind", "enter_time",
-                "end_time", "outcome", "detail", "message_id", "task_id",
-            )],
+            *[
+                [h[k] for h in history]
+                for k in (
+                    "workspace_id",
+                    "enrollment_id",
+                    "step_id",
+                    "visit",
+                    "campaign_id",
+                    "version",
+                    "kind",
+                    "enter_time",
+                    "end_time",
+                    "outcome",
+                    "detail",
+                    "message_id",
+                    "task_id",
+                )
+            ],
         )
 
 
@@ -264,7 +328,11 @@ async def sms_sent_count(
            WHERE h.workspace_id = $1 AND h.campaign_id = $2 AND e.contact_id = $3 AND h.kind = 'send_sms'
              AND h.outcome = 'sent' AND h.end_time >= $4
              AND NOT (h.enrollment_id = $5 AND h.step_id = $6 AND h.visit = $7)""",
-        ws, campaign_id, contact_id, since, *exclude,
+        ws,
+        campaign_id,
+        contact_id,
+        since,
+        *exclude,
     )
 
 
@@ -275,7 +343,10 @@ async def _close_pending(conn: asyncpg.Connection, ids: list[tuple[Any, Any]], n
         """UPDATE campaign.step_history h SET end_time = $3, outcome = $4
            FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
            WHERE h.workspace_id = u.workspace_id AND h.enrollment_id = u.id AND h.end_time IS NULL""",
-        [i[0] for i in ids], [i[1] for i in ids], now, outcome,
+        [i[0] for i in ids],
+        [i[1] for i in ids],
+        now,
+        outcome,
     )
 
 
@@ -295,7 +366,9 @@ async def contact_enrollments(conn: Conn, pairs: Sequence[tuple[str, str]], sinc
                            WHERE x.workspace_id = p.workspace_id AND x.contact_id = p.contact_id
                            ORDER BY campaign_id, enroll_time DESC)
             ORDER BY e.enroll_time DESC""",
-        [p[0] for p in pairs], [p[1] for p in pairs], since,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        since,
     )
 
 
@@ -306,8 +379,9 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
         # The partial unique index keeps one active enrollment per contact per campaign even
         # against a concurrent writer: a conflicting row is simply not enrolled.
         await conn.execute(
-            """INSERT INTO campaign.enrollments (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at,
-                                        trigger_event, phone, time_zone, enroll_time)
+            """INSERT INTO campaign.enrollments
+                   (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at, trigger_event, phone,
+                    time_zone, enroll_time)
                SELECT u.workspace_id, u.id, u.campaign_id, u.version, u.contact_id, u.step_id, 'enter', u.enroll_time,
                       u.trigger_event::jsonb, u.phone, u.time_zone, u.enroll_time
                FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[],
@@ -315,9 +389,15 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
                     AS u(workspace_id, id, campaign_id, version, contact_id, step_id, trigger_event, phone, time_zone,
                          enroll_time)
                ON CONFLICT DO NOTHING""",
-            [r["workspace_id"] for r in e], [r["id"] for r in e], [r["campaign_id"] for r in e],
-            [r["version"] for r in e], [r["contact_id"] for r in e], [r["step_id"] for r in e],
-            [json.dumps(r["trigger_event"]) for r in e], [r["phone"] for r in e], [r["time_zone"] for r in e],
+            [r["workspace_id"] for r in e],
+            [r["id"] for r in e],
+            [r["campaign_id"] for r in e],
+            [r["version"] for r in e],
+            [r["contact_id"] for r in e],
+            [r["step_id"] for r in e],
+            [json.dumps(r["trigger_event"]) for r in e],
+            [r["phone"] for r in e],
+            [r["time_zone"] for r in e],
             [r["enroll_time"] for r in e],
         )
     if plan.exits:
@@ -327,7 +407,10 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
                FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS u(workspace_id, id, reason)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.state = 'active'
                RETURNING e.workspace_id, e.id""",
-            [x[0] for x in plan.exits], [x[1] for x in plan.exits], [x[2] for x in plan.exits], now,
+            [x[0] for x in plan.exits],
+            [x[1] for x in plan.exits],
+            [x[2] for x in plan.exits],
+            now,
         )
         await _close_pending(conn, [(r["workspace_id"], r["id"]) for r in rows], now, "exited")
     if plan.wakes:
@@ -335,28 +418,35 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
             """UPDATE campaign.enrollments e SET phase = 'event_arrived', due_at = $3
                FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.state = 'active' AND e.phase = 'event'""",
-            [x[0] for x in plan.wakes], [x[1] for x in plan.wakes], now,
+            [x[0] for x in plan.wakes],
+            [x[1] for x in plan.wakes],
+            now,
         )
     if plan.conversions:
         await conn.execute(
             """UPDATE campaign.enrollments e SET conversion_time = $3
                FROM unnest($1::uuid[], $2::uuid[]) AS u(workspace_id, id)
                WHERE e.workspace_id = u.workspace_id AND e.id = u.id AND e.conversion_time IS NULL""",
-            [x[0] for x in plan.conversions], [x[1] for x in plan.conversions], now,
+            [x[0] for x in plan.conversions],
+            [x[1] for x in plan.conversions],
+            now,
         )
     if plan.deliveries:
         await conn.execute(
             """UPDATE campaign.step_history h SET delivery = u.delivery
                FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(workspace_id, message_id, delivery)
                WHERE h.workspace_id = u.workspace_id AND h.message_id = u.message_id""",
-            [x[0] for x in plan.deliveries], [x[1] for x in plan.deliveries], [x[2] for x in plan.deliveries],
+            [x[0] for x in plan.deliveries],
+            [x[1] for x in plan.deliveries],
+            [x[2] for x in plan.deliveries],
         )
     if plan.tasks_done:
         await conn.execute(
             """UPDATE campaign.step_history h SET task_completed = true
                FROM unnest($1::uuid[], $2::text[]) AS u(workspace_id, task_id)
                WHERE h.workspace_id = u.workspace_id AND h.task_id = u.task_id""",
-            [x[0] for x in plan.tasks_done], [x[1] for x in plan.tasks_done],
+            [x[0] for x in plan.tasks_done],
+            [x[1] for x in plan.tasks_done],
         )
 
 
@@ -370,12 +460,15 @@ async def advance_cursor(conn: asyncpg.Connection, consumer: str, before: str, a
     done = await conn.fetchval(
         """UPDATE campaign.stream_cursors SET cursor = $3, update_time = now()
            WHERE consumer = $1 AND cursor = $2 RETURNING 1""",
-        consumer, before, after,
+        consumer,
+        before,
+        after,
     )
     if done is None:
         inserted = await conn.fetchval(
             "INSERT INTO campaign.stream_cursors (consumer, cursor) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
-            consumer, after,
+            consumer,
+            after,
         )
         if inserted is None or before:
             raise CursorMoved(consumer)
@@ -394,7 +487,13 @@ async def list_enrollments(
             WHERE workspace_id = $1 AND ($2::uuid IS NULL OR campaign_id = $2) AND ($3 = '' OR contact_id = $3)
               AND ($4 = '' OR (enroll_time, id) < ($5::text::timestamptz, $6::text::uuid))
             ORDER BY enroll_time DESC, id DESC LIMIT $7""",
-        ws, cid, contact_id, page_token, after_time, after_id, page_size + 1,
+        ws,
+        cid,
+        contact_id,
+        page_token,
+        after_time,
+        after_id,
+        page_size + 1,
     )
     token = ""
     if len(rows) > page_size:
@@ -403,7 +502,8 @@ async def list_enrollments(
     history = await pool.fetch(
         """SELECT * FROM campaign.step_history WHERE workspace_id = $1 AND enrollment_id = ANY($2::uuid[])
            ORDER BY enter_time, seq""",
-        ws, [r["id"] for r in rows],
+        ws,
+        [r["id"] for r in rows],
     )
     return list(rows), list(history), token
 
@@ -417,7 +517,8 @@ async def stats(pool: asyncpg.Pool, ws: str, campaign_id: uuid.UUID) -> dict[str
                   count(*) FILTER (WHERE state = 'exited') AS exited_early,
                   count(*) FILTER (WHERE conversion_time IS NOT NULL) AS converted
            FROM campaign.enrollments WHERE workspace_id = $1 AND campaign_id = $2 GROUP BY version ORDER BY version""",
-        ws, campaign_id,
+        ws,
+        campaign_id,
     )
     steps = await pool.fetch(
         """SELECT version, step_id, min(kind) AS kind,
@@ -432,7 +533,8 @@ async def stats(pool: asyncpg.Pool, ws: str, campaign_id: uuid.UUID) -> dict[str
                   count(*) FILTER (WHERE task_completed) AS tasks_completed
            FROM campaign.step_history WHERE workspace_id = $1 AND campaign_id = $2
            GROUP BY version, step_id ORDER BY version, step_id""",
-        ws, campaign_id,
+        ws,
+        campaign_id,
     )
     cohorts = await pool.fetch(
         """SELECT e.version, c.key AS step_id, c.value AS cohort, count(*) AS entered,
@@ -440,6 +542,7 @@ async def stats(pool: asyncpg.Pool, ws: str, campaign_id: uuid.UUID) -> dict[str
            FROM campaign.enrollments e, jsonb_each_text(e.cohorts) AS c
            WHERE e.workspace_id = $1 AND e.campaign_id = $2
            GROUP BY e.version, c.key, c.value ORDER BY e.version, c.key, c.value""",
-        ws, campaign_id,
+        ws,
+        campaign_id,
     )
     return {"versions": list(versions), "steps": list(steps), "cohorts": list(cohorts)}

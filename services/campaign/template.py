@@ -97,9 +97,7 @@ def _parse_field(expr: str, offset: int) -> _Field:
     head = pieces[0].strip()
     m = _PATH.match(head)
     if not m:
-        raise TemplateError(
-            f"bad field {head!r} at offset {offset}: use contact.<property> or event.<property>"
-        )
+        raise TemplateError(f"bad field {head!r} at offset {offset}: use contact.<property> or event.<property>")
     filters: list[tuple[str, str | None]] = []
     for raw in pieces[1:]:
         fm = _FILTER.match(raw.strip())

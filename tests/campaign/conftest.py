@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
 from parley.common.v1 import event_pb2
@@ -20,6 +19,7 @@ from parley.identity.v1 import identity_service_pb2 as id_pb
 from parley.identity.v1 import identity_service_pb2_grpc as id_grpc
 from parley.messaging.v1 import messaging_service_pb2 as msg_pb
 from parley.messaging.v1 import messaging_service_pb2_grpc as msg_grpc
+
 from services.campaign.clock import ManualClock
 from services.campaign.definition import from_dict
 from services.campaign.engine import Engine
@@ -103,11 +103,21 @@ class Stack:
 
         await wait_until(done, 20.0)
 
-    def event(self, name: str, *, user: str, props: dict[str, Any] | None = None,
-              traits: dict[str, Any] | None = None, phone: str = "") -> event_pb2.Event:
+    def event(
+        self,
+        name: str,
+        *,
+        user: str,
+        props: dict[str, Any] | None = None,
+        traits: dict[str, Any] | None = None,
+        phone: str = "",
+    ) -> event_pb2.Event:
         ev = event_pb2.Event(
             type=event_pb2.EVENT_TYPE_IDENTIFY if traits is not None and not name else event_pb2.EVENT_TYPE_TRACK,
-            message_id=str(uuid.uuid4()), user_id=user, name=name, phone=phone,
+            message_id=str(uuid.uuid4()),
+            user_id=user,
+            name=name,
+            phone=phone,
         )
         if props:
             ev.properties.update(props)
@@ -130,7 +140,8 @@ class Stack:
     async def messages(self, contact_id: str) -> list[msg_pb.Message]:
         resp = await self.msg_stub.ListMessages(msg_pb.ListMessagesRequest(contact_id=contact_id), metadata=self.imd())
         return [
-            m for m in resp.messages
+            m
+            for m in resp.messages
             if m.direction == msg_pb.MESSAGE_DIRECTION_OUTBOUND and m.status != msg_pb.MESSAGE_STATUS_BLOCKED
         ]
 
@@ -164,8 +175,15 @@ async def make_stack(db_url: str, make_workspace: Any, start_time: datetime) -> 
     chans = [channel(f"127.0.0.1:{p}") for p in (camp.port, ident.port, msg.port)]
     campaigns = Campaigns(camp, pb_grpc.CampaignServiceStub(chans[0]), key_metadata(key), ws.id)
     return Stack(
-        ident, msg, campaigns, clock, id_grpc.IdentityServiceStub(chans[1]), msg_grpc.MessagingServiceStub(chans[2]),
-        camp.runtime.internal_token, ws.id, chans,
+        ident,
+        msg,
+        campaigns,
+        clock,
+        id_grpc.IdentityServiceStub(chans[1]),
+        msg_grpc.MessagingServiceStub(chans[2]),
+        camp.runtime.internal_token,
+        ws.id,
+        chans,
     )
 
 
@@ -183,8 +201,14 @@ def struct(data: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-async def seed(c: Campaigns, campaign: pb.Campaign, contact_ids: list[str], *, props: dict[str, Any] | None = None,
-               when: datetime | None = None) -> None:
+async def seed(
+    c: Campaigns,
+    campaign: pb.Campaign,
+    contact_ids: list[str],
+    *,
+    props: dict[str, Any] | None = None,
+    when: datetime | None = None,
+) -> None:
     """Enroll contacts directly (as the consumer would), for engine tests that need no identity."""
     from services.campaign import repository
     from services.campaign.engine import _Plan
@@ -194,13 +218,25 @@ async def seed(c: Campaigns, campaign: pb.Campaign, contact_ids: list[str], *, p
     graph = await c.engine.graph(c.workspace_id, campaign.id, campaign.live_version)
     assert graph is not None
     for cid in contact_ids:
-        plan.enrollments.append({
-            "workspace_id": c.workspace_id, "id": str(uuid.uuid4()), "campaign_id": campaign.id,
-            "version": campaign.live_version, "contact_id": cid, "step_id": graph.start, "phone": "+12125550100",
-            "time_zone": "America/New_York", "enroll_time": now,
-            "trigger_event": {"name": "seed", "properties": props or {}, "message_id": f"seed-{cid}",
-                              "timestamp": now.isoformat()},
-        })
+        plan.enrollments.append(
+            {
+                "workspace_id": c.workspace_id,
+                "id": str(uuid.uuid4()),
+                "campaign_id": campaign.id,
+                "version": campaign.live_version,
+                "contact_id": cid,
+                "step_id": graph.start,
+                "phone": "+12125550100",
+                "time_zone": "America/New_York",
+                "enroll_time": now,
+                "trigger_event": {
+                    "name": "seed",
+                    "properties": props or {},
+                    "message_id": f"seed-{cid}",
+                    "timestamp": now.isoformat(),
+                },
+            }
+        )
     pool = c.server.runtime.pool
     async with pool.acquire() as conn, conn.transaction():
         await repository.apply_plan(conn, plan, now)

@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from services.common.errors import field_violations
 from tests.campaign.conftest import Campaigns, definition
 
 SIMPLE = {
     "trigger": {"event": {"name": "Signed Up"}},
-    "steps": [{"id": "hello", "send_sms": {"body": "Welcome {{contact.first_name|default:\"friend\"}}"}}],
+    "steps": [{"id": "hello", "send_sms": {"body": 'Welcome {{contact.first_name|default:"friend"}}'}}],
 }
 
 
 async def test_create_update_publish_versions(campaigns_only: Campaigns) -> None:
     c, md = campaigns_only, campaigns_only.md
-    created = (await c.stub.CreateCampaign(
-        pb.CreateCampaignRequest(request_id="r1", campaign=pb.Campaign(name="welcome", definition=definition(SIMPLE))),
-        metadata=md,
-    )).campaign
+    created = (
+        await c.stub.CreateCampaign(
+            pb.CreateCampaignRequest(
+                request_id="r1", campaign=pb.Campaign(name="welcome", definition=definition(SIMPLE))
+            ),
+            metadata=md,
+        )
+    ).campaign
     assert created.state == pb.CAMPAIGN_STATE_DRAFT and created.live_version == 0
-    again = (await c.stub.CreateCampaign(
-        pb.CreateCampaignRequest(request_id="r1", campaign=pb.Campaign(name="welcome", definition=definition(SIMPLE))),
-        metadata=md,
-    )).campaign
+    again = (
+        await c.stub.CreateCampaign(
+            pb.CreateCampaignRequest(
+                request_id="r1", campaign=pb.Campaign(name="welcome", definition=definition(SIMPLE))
+            ),
+            metadata=md,
+        )
+    ).campaign
     assert again.id == created.id
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign(name="welcome")), metadata=md)
@@ -83,8 +91,9 @@ async def test_bad_input_names_fields(campaigns_only: Campaigns) -> None:
     bad = definition(SIMPLE)
     bad.steps[0].send_sms.body = ""
     bad.steps[0].next = "missing"
-    found = await _violations(c.stub.CreateCampaign(
-        pb.CreateCampaignRequest(campaign=pb.Campaign(name="bad", definition=bad)), metadata=md))
+    found = await _violations(
+        c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign(name="bad", definition=bad)), metadata=md)
+    )
     assert "campaign.definition.steps[0].send_sms.body" in found
     assert "campaign.definition.steps[0].next" in found
     found = await _violations(c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign()), metadata=md))
@@ -95,9 +104,10 @@ async def test_bad_input_names_fields(campaigns_only: Campaigns) -> None:
     assert "campaign_id" in found
     found = await _violations(c.stub.ListCampaigns(pb.ListCampaignsRequest(page_token="zzz"), metadata=md))
     assert "page_token" in found
-    draft = (await c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign(name="empty")), metadata=md))
-    found = await _violations(c.stub.PublishCampaign(
-        pb.PublishCampaignRequest(campaign_id=draft.campaign.id), metadata=md))
+    draft = await c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign(name="empty")), metadata=md)
+    found = await _violations(
+        c.stub.PublishCampaign(pb.PublishCampaignRequest(campaign_id=draft.campaign.id), metadata=md)
+    )
     assert "campaign.definition.trigger" in found and "campaign.definition.steps" in found
     found = await _violations(c.stub.PreviewCampaign(pb.PreviewCampaignRequest(), metadata=md))
     assert "definition" in found

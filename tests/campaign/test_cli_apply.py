@@ -7,8 +7,8 @@ import glob
 from pathlib import Path
 
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from services.campaign import cli
 from services.common.settings import PROJECT_ROOT
 from tests.campaign.conftest import Campaigns

@@ -6,8 +6,8 @@ import copy
 from typing import Any
 
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from services.campaign.definition import from_dict, problems_of, validate
 from services.common.errors import InvalidArgument
 
@@ -16,8 +16,14 @@ GOOD: dict[str, Any] = {
     "audience": [{"key": "state", "operator": "in", "value": ["CA", "NY"]}],
     "steps": [
         {"id": "wait", "next": "check", "wait": {"duration": "30m"}},
-        {"id": "check", "branch": {"conditions": [{"did_event": {"name": "Application Submitted"}}],
-                                   "if_true": "", "if_false": "sms"}},
+        {
+            "id": "check",
+            "branch": {
+                "conditions": [{"did_event": {"name": "Application Submitted"}}],
+                "if_true": "",
+                "if_false": "sms",
+            },
+        },
         {"id": "sms", "next": "later", "send_sms": {"body": 'Hi {{contact.first_name|default:"there"}}!'}},
         {"id": "later", "next": "call", "wait": {"duration": "1d"}},
         {"id": "call", "call_task": {"queue": "loans", "priority": 5, "notes": "Amount {{event.amount}}"}},
@@ -58,14 +64,26 @@ def test_good_definition_is_valid() -> None:
         (mutate(["steps", 1, "branch", "if_false"], "ghost"), "definition.steps[1].branch.if_false", "unknown step id"),
         (mutate(["start_step_id"], "ghost"), "definition.start_step_id", "unknown step id"),
         (mutate(["steps", 2, "send_sms", "body"], "   "), "definition.steps[2].send_sms.body", "empty"),
-        (mutate(["steps", 2, "send_sms", "body"], "Hi {{contact.first_name"), "definition.steps[2].send_sms.body",
-         "does not parse"),
-        (mutate(["steps", 2, "send_sms", "body"], "Hi {{user.name}}"), "definition.steps[2].send_sms.body",
-         "does not parse"),
-        (mutate(["steps", 2, "send_sms", "body"], "Hi {{contact.name|shout}}"), "definition.steps[2].send_sms.body",
-         "unknown filter"),
-        (mutate(["steps", 4, "call_task", "notes"], "{{event.}}"), "definition.steps[4].call_task.notes",
-         "does not parse"),
+        (
+            mutate(["steps", 2, "send_sms", "body"], "Hi {{contact.first_name"),
+            "definition.steps[2].send_sms.body",
+            "does not parse",
+        ),
+        (
+            mutate(["steps", 2, "send_sms", "body"], "Hi {{user.name}}"),
+            "definition.steps[2].send_sms.body",
+            "does not parse",
+        ),
+        (
+            mutate(["steps", 2, "send_sms", "body"], "Hi {{contact.name|shout}}"),
+            "definition.steps[2].send_sms.body",
+            "unknown filter",
+        ),
+        (
+            mutate(["steps", 4, "call_task", "notes"], "{{event.}}"),
+            "definition.steps[4].call_task.notes",
+            "does not parse",
+        ),
         (mutate(["steps", 0, "wait", "duration"], "30 minutes"), "definition.steps[0].wait.duration", "not a duration"),
         (mutate(["steps", 0, "wait", "duration"], "0m"), "definition.steps[0].wait.duration", "positive"),
         (mutate(["steps", 0, "wait", "duration"], "400d"), "definition.steps[0].wait.duration", "at most"),
@@ -98,8 +116,16 @@ def test_unreachable_step() -> None:
 def test_cycle_without_a_wait_is_rejected_but_a_loop_through_a_wait_is_fine() -> None:
     data = copy.deepcopy(GOOD)
     data["steps"][4]["next"] = "loop"
-    data["steps"].append({"id": "loop", "branch": {"conditions": [{"contact": {"key": "vip", "operator": "exists"}}],
-                                                  "if_true": "sms", "if_false": ""}})
+    data["steps"].append(
+        {
+            "id": "loop",
+            "branch": {
+                "conditions": [{"contact": {"key": "vip", "operator": "exists"}}],
+                "if_true": "sms",
+                "if_false": "",
+            },
+        }
+    )
     # sms -> later(wait) -> call -> loop -> sms: has a wait, fine.
     assert fields_of(data) == {}
     data["steps"][2]["next"] = "call"  # sms -> call -> loop -> sms: no wait
@@ -128,13 +154,25 @@ def test_unknown_yaml_field_and_enum_value() -> None:
 
 def test_split_percents_and_match_key_rules() -> None:
     data = copy.deepcopy(GOOD)
-    data["steps"][0] = {"id": "wait", "split": {"cohorts": [{"name": "a", "percent": 60, "next": "check"},
-                                                            {"name": "b", "percent": 30, "next": "check"}]}}
+    data["steps"][0] = {
+        "id": "wait",
+        "split": {
+            "cohorts": [{"name": "a", "percent": 60, "next": "check"}, {"name": "b", "percent": 30, "next": "check"}]
+        },
+    }
     assert "sum to 100" in fields_of(data)["definition.steps[0].split.cohorts"]
     data = copy.deepcopy(GOOD)
     data["trigger"] = {"audience_entry": {}}
-    data["steps"][0] = {"id": "wait", "wait_for_event": {"event": {"name": "Purchase"}, "match_key": "cart_id",
-                                                         "timeout": "1d", "on_event": "", "on_timeout": "check"}}
+    data["steps"][0] = {
+        "id": "wait",
+        "wait_for_event": {
+            "event": {"name": "Purchase"},
+            "match_key": "cart_id",
+            "timeout": "1d",
+            "on_event": "",
+            "on_timeout": "check",
+        },
+    }
     assert "event-triggered" in fields_of(data)["definition.steps[0].wait_for_event.match_key"]
 
 

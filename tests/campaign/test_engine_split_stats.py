@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from services.campaign.engine import cohort_for
 from tests.campaign.conftest import Campaigns, feed, seed, stored
 
@@ -13,8 +14,12 @@ AB = {
     "re_entry": {"policy": "any_time"},
     "goal": {"event": {"name": "Policy Bought"}, "window": "7d"},
     "steps": [
-        {"id": "ab", "split": {"cohorts": [{"name": "a", "percent": 30, "next": "wa"},
-                                           {"name": "b", "percent": 70, "next": "wb"}]}},
+        {
+            "id": "ab",
+            "split": {
+                "cohorts": [{"name": "a", "percent": 30, "next": "wa"}, {"name": "b", "percent": 70, "next": "wb"}]
+            },
+        },
         {"id": "wa", "next": "", "wait": {"duration": "1h"}},
         {"id": "wb", "next": "", "wait": {"duration": "2h"}},
     ],
@@ -39,7 +44,7 @@ async def test_ten_thousand_enrollments_split_within_two_points(campaigns_only: 
     assert v1.entered == v1.active == 10_000
 
     # Conversions: 100 known contacts of cohort a buy within the window.
-    buyers_a = [cid for cid in contacts if cohort_for(campaign.id, "ab", cid, _cohorts()) .name == "a"][:100]
+    buyers_a = [cid for cid in contacts if cohort_for(campaign.id, "ab", cid, _cohorts()).name == "a"][:100]
     await feed(c, *(stored(c, cid, "Policy Bought") for cid in buyers_a))
     # Time passes: every wait ends, every journey completes.
     c.engine.clock.advance(timedelta(hours=3))  # type: ignore[attr-defined]
@@ -59,8 +64,9 @@ async def test_ten_thousand_enrollments_split_within_two_points(campaigns_only: 
     returning = contacts[:50]
     await seed(c, campaign, returning)
     await c.engine.run_due()
-    resp = await c.stub.ListEnrollments(pb.ListEnrollmentsRequest(campaign_id=campaign.id, page_size=1000),
-                                        metadata=c.md)
+    resp = await c.stub.ListEnrollments(
+        pb.ListEnrollmentsRequest(campaign_id=campaign.id, page_size=1000), metadata=c.md
+    )
     seen: dict[str, set[str]] = {}
     for e in resp.enrollments:
         seen.setdefault(e.contact_id, set()).add(e.cohorts["ab"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from services.campaign.engine import _may_enter
 from tests.campaign.conftest import Campaigns, feed, seed, stored
 
@@ -12,8 +13,16 @@ CART = {
     "trigger": {"event": {"name": "Cart Abandoned"}},
     "exit_events": [{"name": "Account Closed"}],
     "steps": [
-        {"id": "await", "wait_for_event": {"event": {"name": "Order Completed"}, "match_key": "cart_id",
-                                           "timeout": "1d", "on_event": "bought", "on_timeout": "nudge"}},
+        {
+            "id": "await",
+            "wait_for_event": {
+                "event": {"name": "Order Completed"},
+                "match_key": "cart_id",
+                "timeout": "1d",
+                "on_event": "bought",
+                "on_timeout": "nudge",
+            },
+        },
         {"id": "bought", "exit": {}},
         {"id": "nudge", "next": "", "wait": {"duration": "1h"}},
     ],
@@ -53,7 +62,7 @@ async def test_wait_for_event_times_out(campaigns_only: Campaigns) -> None:
     await c.engine.run_due()
     e = (await _enrollments(c, campaign))["k2"]
     assert e.current_step_id == "nudge"
-    assert [(h.step_id, h.outcome) for h in e.history][0] == ("await", "timeout")
+    assert (e.history[0].step_id, e.history[0].outcome) == ("await", "timeout")
 
 
 async def test_exit_event_stops_pending_steps(campaigns_only: Campaigns) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from tests.campaign.conftest import Stack
 
 JOURNEY = {
@@ -13,10 +14,21 @@ JOURNEY = {
     "goal": {"event": {"name": "Application Submitted"}, "window": "7d"},
     "steps": [
         {"id": "grace", "next": "submitted", "wait": {"duration": "30m"}},
-        {"id": "submitted", "branch": {"conditions": [{"did_event": {"name": "Application Submitted"}}],
-                                       "if_true": "", "if_false": "nudge"}},
-        {"id": "nudge", "next": "day", "send_sms": {
-            "body": 'Hi {{contact.first_name|default:"there"}}, your application {{event.app_id}} is one step away.'}},
+        {
+            "id": "submitted",
+            "branch": {
+                "conditions": [{"did_event": {"name": "Application Submitted"}}],
+                "if_true": "",
+                "if_false": "nudge",
+            },
+        },
+        {
+            "id": "nudge",
+            "next": "day",
+            "send_sms": {
+                "body": 'Hi {{contact.first_name|default:"there"}}, your application {{event.app_id}} is one step away.'
+            },
+        },
         {"id": "day", "next": "call", "wait": {"duration": "1d"}},
         {"id": "call", "call_task": {"queue": "loans", "priority": 5, "notes": "Follow up on {{event.app_id}}"}},
     ],
@@ -24,8 +36,9 @@ JOURNEY = {
 
 
 async def _enrollment(s: Stack, contact_id: str) -> pb.Enrollment:
-    resp = await s.campaign.stub.ListEnrollments(pb.ListEnrollmentsRequest(contact_id=contact_id),
-                                                 metadata=s.campaign.md)
+    resp = await s.campaign.stub.ListEnrollments(
+        pb.ListEnrollmentsRequest(contact_id=contact_id), metadata=s.campaign.md
+    )
     assert len(resp.enrollments) == 1
     return resp.enrollments[0]
 
@@ -36,8 +49,9 @@ async def test_abandoned_application_journey(stack: Stack) -> None:
     ana = await s.contact("u-ana", "+12125550101", first_name="Ana")
     bo = await s.contact("u-bo", "+12125550102")
     cy = await s.contact("u-cy", "+12125550103", first_name="Cy")
-    await s.record(*(s.event("Application Started", user=u, props={"app_id": f"A-{u}"})
-                     for u in ("u-ana", "u-bo", "u-cy")))
+    await s.record(
+        *(s.event("Application Started", user=u, props={"app_id": f"A-{u}"}) for u in ("u-ana", "u-bo", "u-cy"))
+    )
     await s.engine.run_due()
     assert (await _enrollment(s, ana)).current_step_id == "grace"
     assert await s.messages(ana) == []
@@ -69,8 +83,9 @@ async def test_abandoned_application_journey(stack: Stack) -> None:
     assert [h.step_id for h in bo_e.history] == ["grace", "submitted", "nudge", "day"]
     assert len(await s.messages(bo)) == 1
 
-    stats = await s.campaign.stub.GetCampaignStats(pb.GetCampaignStatsRequest(campaign_id=campaign.id),
-                                                   metadata=s.campaign.md)
+    stats = await s.campaign.stub.GetCampaignStats(
+        pb.GetCampaignStatsRequest(campaign_id=campaign.id), metadata=s.campaign.md
+    )
     v = stats.versions[0]
     assert (v.entered, v.completed, v.exited_early, v.converted) == (3, 2, 1, 1)
     steps = {x.step_id: x for x in v.steps}
@@ -91,9 +106,14 @@ async def test_retrying_a_step_never_sends_twice(stack: Stack) -> None:
     from services.campaign.effects import ContactInfo
 
     contact = ContactInfo(dee, "+12125550104", "America/New_York", {"first_name": "Dee"})
-    first = await s.engine.effects.send_sms(s.workspace_id, request_id=f"{e.id}:nudge:1", contact=contact,
-                                            body="Hi Dee, your application A-dee is one step away.",
-                                            transactional=False, campaign_id=e.campaign_id)
+    first = await s.engine.effects.send_sms(
+        s.workspace_id,
+        request_id=f"{e.id}:nudge:1",
+        contact=contact,
+        body="Hi Dee, your application A-dee is one step away.",
+        transactional=False,
+        campaign_id=e.campaign_id,
+    )
     await s.engine.run_due()
     msgs = await s.messages(dee)
     assert len(msgs) == 1 and msgs[0].id == first.id
@@ -122,7 +142,7 @@ async def test_preview_renders_without_sending(stack: Stack) -> None:
         await s.campaign.stub.PreviewCampaign(
             pb.PreviewCampaignRequest(definition=bad, contact_id=eve), metadata=s.campaign.md
         )
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         fields = [v.field for v in await field_violations(err)]  # type: ignore[arg-type]
         assert fields == ["definition.steps[2].send_sms.body"]
     else:

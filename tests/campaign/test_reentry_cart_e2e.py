@@ -5,21 +5,31 @@ from __future__ import annotations
 from datetime import timedelta
 
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from tests.campaign.conftest import Stack
 
 CART = {
     "trigger": {"event": {"name": "Checkout Started"}},
     "steps": [
-        {"id": "await", "wait_for_event": {"event": {"name": "Order Completed"}, "match_key": "cart_id",
-                                           "timeout": "2h", "on_event": "", "on_timeout": "sms"}},
-        {"id": "sms", "send_sms": {"body": "You left {{event.item|default:\"something\"}} in cart {{event.cart_id}}"}},
+        {
+            "id": "await",
+            "wait_for_event": {
+                "event": {"name": "Order Completed"},
+                "match_key": "cart_id",
+                "timeout": "2h",
+                "on_event": "",
+                "on_timeout": "sms",
+            },
+        },
+        {"id": "sms", "send_sms": {"body": 'You left {{event.item|default:"something"}} in cart {{event.cart_id}}'}},
     ],
 }
 
 
 async def _enrollments(s: Stack, contact_id: str) -> list[pb.Enrollment]:
-    resp = await s.campaign.stub.ListEnrollments(pb.ListEnrollmentsRequest(contact_id=contact_id),
-                                                 metadata=s.campaign.md)
+    resp = await s.campaign.stub.ListEnrollments(
+        pb.ListEnrollmentsRequest(contact_id=contact_id), metadata=s.campaign.md
+    )
     return list(resp.enrollments)
 
 
@@ -62,9 +72,11 @@ async def test_cooldown_frequency_cap_audience_and_conditions(stack: Stack) -> N
     pat = await s.contact("u-pat", "+12125550301")
     blocked = await s.contact("u-blk", "+12125550302", tier="blocked")
     view = {"plan": "pro"}
-    await s.record(s.event("Pricing Viewed", user="u-pat", props=view),
-                   s.event("Pricing Viewed", user="u-blk", props=view),
-                   s.event("Pricing Viewed", user="u-pat", props={"plan": "basic"}))
+    await s.record(
+        s.event("Pricing Viewed", user="u-pat", props=view),
+        s.event("Pricing Viewed", user="u-blk", props=view),
+        s.event("Pricing Viewed", user="u-pat", props={"plan": "basic"}),
+    )
     await s.engine.run_due()
     assert len(await _enrollments(s, pat)) == 1 and await _enrollments(s, blocked) == []
     assert len(await s.messages(pat)) == 1
@@ -83,8 +95,10 @@ async def test_cooldown_frequency_cap_audience_and_conditions(stack: Stack) -> N
 
 ONCE = {
     "trigger": {"event": {"name": "Demo Booked"}},
-    "steps": [{"id": "wait", "next": "sms", "wait": {"duration": "1h"}},
-              {"id": "sms", "send_sms": {"body": "See you at the demo"}}],
+    "steps": [
+        {"id": "wait", "next": "sms", "wait": {"duration": "1h"}},
+        {"id": "sms", "send_sms": {"body": "See you at the demo"}},
+    ],
 }
 
 

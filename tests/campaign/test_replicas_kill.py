@@ -12,11 +12,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.identity.v1 import identity_service_pb2 as id_pb
 from parley.messaging.v1 import agent_service_pb2 as agent_pb
 from parley.messaging.v1 import agent_service_pb2_grpc as agent_grpc
+
 from services.campaign.engine import wait_until
 from services.common.settings import PROJECT_ROOT
 from tests.campaign.conftest import Stack, make_stack
@@ -52,8 +52,11 @@ def _replica(s: Stack, db_url: str) -> subprocess.Popen[bytes]:
         "PARLEY_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "services.campaign"], cwd=PROJECT_ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "services.campaign"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -94,10 +97,19 @@ async def test_kill_one_replica_mid_run(rstack: Stack, db_url: str) -> None:
     rows = await pool.fetch("SELECT request_id, count(*) AS n FROM messaging.messages GROUP BY request_id")
     tasks = await pool.fetch("SELECT request_id, count(*) AS n FROM messaging.call_tasks GROUP BY request_id")
     await pool.close()
-    enrollments = (await s.campaign.stub.ListEnrollments(
-        pb.ListEnrollmentsRequest(campaign_id=(await s.campaign.stub.ListCampaigns(
-            pb.ListCampaignsRequest(name="trial"), metadata=s.campaign.md)).campaigns[0].id, page_size=1000),
-        metadata=s.campaign.md)).enrollments
+    enrollments = (
+        await s.campaign.stub.ListEnrollments(
+            pb.ListEnrollmentsRequest(
+                campaign_id=(
+                    await s.campaign.stub.ListCampaigns(pb.ListCampaignsRequest(name="trial"), metadata=s.campaign.md)
+                )
+                .campaigns[0]
+                .id,
+                page_size=1000,
+            ),
+            metadata=s.campaign.md,
+        )
+    ).enrollments
     assert len(enrollments) == CONTACTS
     expected_sms = {f"{e.id}:{step}:1" for e in enrollments for step in ("first", "second")}
     assert {r["request_id"] for r in rows} == expected_sms and all(r["n"] == 1 for r in rows)

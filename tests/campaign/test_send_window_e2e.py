@@ -8,13 +8,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
+
 from tests.campaign.conftest import Stack, make_stack
 
 SEND_NOW = {
     "trigger": {"event": {"name": "Quote Viewed"}},
-    "steps": [{"id": "sms", "send_sms": {"body": "Your quote is ready, {{contact.first_name|default:\"friend\"}}."}}],
+    "steps": [{"id": "sms", "send_sms": {"body": 'Your quote is ready, {{contact.first_name|default:"friend"}}.'}}],
 }
 
 

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
 from parley.identity.v1 import identity_service_pb2 as id_pb
+
 from services.campaign.engine import wait_until
 from services.campaign.module import make_module
 from services.common.clients import channel
@@ -45,13 +45,15 @@ async def test_restart_resumes_from_the_stored_cursor(rs: Stack, db_url: str) ->
         await s.id_stub.RecordEvents(
             id_pb.RecordEventsRequest(events=[s.event("Course Started", user="u-res")]), metadata=s.imd()
         )
-    settings = test_settings(db_url, identity_addr=f"127.0.0.1:{s.identity.port}",
-                             messaging_addr=f"127.0.0.1:{s.messaging.port}")
+    settings = test_settings(
+        db_url, identity_addr=f"127.0.0.1:{s.identity.port}", messaging_addr=f"127.0.0.1:{s.messaging.port}"
+    )
     srv = await start(make_module(clock=s.clock, run_timers=False), settings, port=0)
     ch = channel(f"127.0.0.1:{srv.port}")
     fresh = Campaigns(srv, pb_grpc.CampaignServiceStub(ch), s.campaign.md, s.workspace_id)
     s.campaign = fresh
     try:
+
         async def seen_two() -> bool:
             await fresh.engine.run_due()
             return fresh.engine.events_seen >= 2

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from google.protobuf import struct_pb2
-
 from parley.common.v1 import contact_pb2
+
 from services.campaign import conditions, template, timing
 
 Op = contact_pb2.FilterOperator
@@ -22,8 +22,9 @@ def test_render_fields_defaults_and_filters() -> None:
     assert template.parse("{{event.amount}}").render({}, {"amount": 2500.0}) == "2500"
 
 
-@pytest.mark.parametrize("bad", ["{{", "}} x", "{{contact}}", "{{ other.x }}", "{{contact.x|nope}}",
-                                 "{{contact.x|default}}", "{{}}"])
+@pytest.mark.parametrize(
+    "bad", ["{{", "}} x", "{{contact}}", "{{ other.x }}", "{{contact.x|nope}}", "{{contact.x|default}}", "{{}}"]
+)
 def test_bad_templates(bad: str) -> None:
     with pytest.raises(template.TemplateError):
         template.parse(bad)

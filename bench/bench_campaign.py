@@ -1,0 +1,343 @@
+"""Campaign: trigger-to-send latency through ingest → identity → campaign → messaging, and timer drain rate.
+
+Runs ingest, identity, messaging and campaign as their own processes on a fresh bench database
+(PARLEY_DATABASE_URL's server, else the embedded one under .parley/bench), then:
+
+1. latency: a live send-immediately campaign; track events through ingest at a fixed rate; for each,
+   the time from ingest's ack to messaging storing the SMS (its ``create_time``);
+2. timers: 100,000 enrollments made due at once, drained by one campaign replica, then by two.
+
+Prints a markdown section on stdout; progress goes to stderr. BENCH_CAMPAIGN_RATE, _SECONDS and
+_TIMERS override the defaults (200 events/s, 60 s, 100,000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+import asyncpg  # noqa: E402
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from parley.campaign.v1 import campaign_service_pb2 as cpb  # noqa: E402
+from parley.campaign.v1.campaign_service_pb2_grpc import CampaignServiceStub  # noqa: E402
+from parley.common.v1.event_pb2 import Event, EventType  # noqa: E402
+from parley.ingest.v1 import ingest_service_pb2 as ipb  # noqa: E402
+from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceStub  # noqa: E402
+
+from services.campaign.definition import from_dict  # noqa: E402
+from services.common import tenancy  # noqa: E402
+from services.common.clients import key_metadata  # noqa: E402
+from services.common.db import create_pool  # noqa: E402
+from services.common.embedded import embedded_server_url, with_database  # noqa: E402
+
+RATE = float(os.environ.get("BENCH_CAMPAIGN_RATE", "200"))
+SECONDS = float(os.environ.get("BENCH_CAMPAIGN_SECONDS", "60"))
+TIMERS = int(os.environ.get("BENCH_CAMPAIGN_TIMERS", "100000"))
+CONTACTS = 2000
+
+SEND_NOW = {
+    "trigger": {"event": {"name": "Bench Triggered"}},
+    "re_entry": {"policy": "any_time"},
+    "send_window": {"start": "00:00", "end": "23:59"},
+    "steps": [{"id": "sms", "send_sms": {"body": 'Hi {{contact.first_name|default:"there"}}', "transactional": True}}],
+}
+TIMER_FLOW = {
+    "trigger": {"event": {"name": "Bench Timers"}},
+    "steps": [
+        {"id": "w1", "next": "w2", "wait": {"duration": "1m"}},
+        {"id": "w2", "next": "", "wait": {"duration": "1d"}},
+    ],
+}
+
+
+def log(msg: str) -> None:
+    print(f"bench_campaign: {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve(service: str, env_extra: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """One service in its own process; returns once its health check says SERVING."""
+    env = {**os.environ, "PARLEY_HOST": "127.0.0.1", "PARLEY_LOG_LEVEL": "warning", **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env)  # noqa: ASYNC220
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            try:
+                got = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if got.status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+            except grpc.aio.AioRpcError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{service} exited during start")
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{service} did not become SERVING")
+
+
+async def live(stub: CampaignServiceStub, md: tuple[tuple[str, str], ...], name: str, data: dict) -> str:  # type: ignore[type-arg]
+    definition = from_dict(data, cpb.CampaignDefinition(), "definition")
+    created = await stub.CreateCampaign(
+        cpb.CreateCampaignRequest(campaign=cpb.Campaign(name=name, definition=definition)),
+        metadata=md,  # type: ignore[arg-type]
+    )
+    await stub.PublishCampaign(cpb.PublishCampaignRequest(campaign_id=created.campaign.id), metadata=md)
+    return str(created.campaign.id)
+
+
+def stamp(e: Event) -> Event:
+    now = datetime.now(UTC)
+    for ts in (e.timestamp, e.original_timestamp, e.sent_at):
+        ts.FromDatetime(now)
+    return e
+
+
+async def latency_phase(url: str, ingest: IngestServiceStub, md: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    log(f"creating {CONTACTS} contacts")
+    for start in range(0, CONTACTS, 500):
+        events = []
+        for i in range(start, min(start + 500, CONTACTS)):
+            e = Event(type=EventType.EVENT_TYPE_IDENTIFY, message_id=f"id-{i}", user_id=f"b-{i}")
+            e.traits.update({"phone": f"+1212{2_000_000 + i}", "first_name": f"n{i}"})
+            events.append(stamp(e))
+        await ingest.IngestBatch(ipb.IngestBatchRequest(events=events), metadata=md)
+    # Let the campaign consumer catch up with the identify events before timing anything.
+    await asyncio.sleep(2.0)
+    total = int(RATE * SECONDS)
+    acks: dict[str, float] = {}
+    errors = 0
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        mid = f"trig-{i}-{uuid.uuid4().hex[:6]}"
+        e = Event(type=EventType.EVENT_TYPE_TRACK, name="Bench Triggered", message_id=mid, user_id=f"b-{i % CONTACTS}")
+        try:
+            await ingest.Track(ipb.TrackRequest(event=stamp(e)), metadata=md, timeout=10)
+            acks[mid] = time.time()
+        except grpc.aio.AioRpcError:
+            errors += 1
+
+    log(f"sending {total} events at {RATE:.0f}/s")
+    tasks = []
+    started = time.perf_counter()
+    for i in range(total):
+        delay = started + i / RATE - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    send_seconds = time.perf_counter() - started
+    conn = await asyncpg.connect(url)
+    try:
+        latencies: list[float] = []
+        for _ in range(300):
+            rows = await conn.fetch(
+                """SELECT e.trigger_event->>'message_id' AS mid, extract(epoch FROM m.create_time) AS at
+                   FROM campaign.enrollments e JOIN messaging.messages m ON m.request_id = e.id::text || ':sms:1'
+                   WHERE e.trigger_event->>'message_id' LIKE 'trig-%'"""
+            )
+            if len(rows) >= len(acks):
+                break
+            await asyncio.sleep(0.2)
+        latencies = [(float(r["at"]) - acks[r["mid"]]) * 1000 for r in rows if r["mid"] in acks]
+    finally:
+        await conn.close()
+    return {
+        "events": total,
+        "acked": len(acks),
+        "errors": errors,
+        "sent": len(latencies),
+        "rate": total / send_seconds,
+        "p50": pct(latencies, 0.5) if latencies else float("nan"),
+        "p99": pct(latencies, 0.99) if latencies else float("nan"),
+        "max": max(latencies) if latencies else float("nan"),
+    }
+
+
+async def timer_phase(url: str, ws_id: str, campaign_id: str, tag: str) -> tuple[float, int]:
+    """Seed TIMERS enrollments waiting at w1, make them all due at once, time the drain."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            """INSERT INTO campaign.enrollments (workspace_id, id, campaign_id, version, contact_id, step_id, visit,
+                                                 phase, due_at, visits, enroll_time)
+               SELECT $1::uuid, gen_random_uuid(), $2::uuid, 1, $3 || g, 'w1', 1, 'timer', 'infinity',
+                      '{"w1": 1}'::jsonb, now()
+               FROM generate_series(1, $4) AS g""",
+            ws_id,
+            campaign_id,
+            f"{tag}-",
+            TIMERS,
+        )
+        await conn.execute("ANALYZE campaign.enrollments")
+        await conn.execute(
+            "UPDATE campaign.enrollments SET due_at = now() WHERE campaign_id = $1 AND due_at = 'infinity'", campaign_id
+        )
+        await conn.execute("SELECT pg_notify('campaign_due', '')")
+        started = time.perf_counter()
+        while True:
+            left = await conn.fetchval(
+                """SELECT count(*) FROM campaign.enrollments
+                   WHERE campaign_id = $1 AND step_id = 'w1' AND state = 'active'""",
+                campaign_id,
+            )
+            if left == 0:
+                break
+            if time.perf_counter() - started > 600:
+                raise RuntimeError(f"timers not drained: {left} left")
+            await asyncio.sleep(0.1)
+        took = time.perf_counter() - started
+        moved = await conn.fetchval(
+            "SELECT count(*) FROM campaign.enrollments"
+            " WHERE campaign_id = $1 AND step_id = 'w2' AND contact_id LIKE $2",
+            campaign_id,
+            f"{tag}-%",
+        )
+    finally:
+        await conn.close()
+    return took, int(moved)
+
+
+async def main() -> None:
+    admin = os.environ.get("PARLEY_DATABASE_URL") or embedded_server_url(ROOT / ".parley" / "bench")
+    db = f"parley_bench_campaign_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f'CREATE DATABASE "{db}"')
+    await conn.close()
+    url = with_database(admin, db)
+    token = secrets.token_urlsafe(24)
+    ports = {name: free_port() for name in ("ingest", "identity", "messaging", "campaign", "campaign2")}
+    common = {"PARLEY_DATABASE_URL": url, "PARLEY_INTERNAL_TOKEN": token, "PARLEY_DB_POOL_MAX": "12"}
+    addrs = {
+        "PARLEY_INGEST_ADDR": f"127.0.0.1:{ports['ingest']}",
+        "PARLEY_IDENTITY_ADDR": f"127.0.0.1:{ports['identity']}",
+        "PARLEY_MESSAGING_ADDR": f"127.0.0.1:{ports['messaging']}",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(
+            await serve("identity", {**common, "PARLEY_IDENTITY_PORT": str(ports["identity"])}, ports["identity"])
+        )
+        procs.append(
+            await serve(
+                "messaging",
+                {
+                    **common,
+                    **addrs,
+                    "PARLEY_MESSAGING_PORT": str(ports["messaging"]),
+                    "PARLEY_MESSAGING_HTTP_PORT": str(free_port()),
+                    "PARLEY_SEND_WINDOW_START": "00:00",
+                    "PARLEY_SEND_WINDOW_END": "23:59",
+                    "PARLEY_WORKSPACE_RATE_LIMIT_PER_SECOND": "100000",
+                    "PARLEY_CONTACT_DAILY_CAP": "100000",
+                },
+                ports["messaging"],
+            )
+        )
+        procs.append(
+            await serve(
+                "ingest",
+                {
+                    **common,
+                    **addrs,
+                    "PARLEY_INGEST_PORT": str(ports["ingest"]),
+                    "PARLEY_INGEST_HTTP_PORT": str(free_port()),
+                },
+                ports["ingest"],
+            )
+        )
+        procs.append(
+            await serve(
+                "campaign",
+                {
+                    **common,
+                    **addrs,
+                    "PARLEY_CAMPAIGN_PORT": str(ports["campaign"]),
+                    "PARLEY_LOG_LEVEL": os.environ.get("BENCH_CAMPAIGN_LOG", "warning"),
+                },
+                ports["campaign"],
+            )
+        )
+        pool = await create_pool(url, max_size=2)
+        ws, key = await tenancy.create_workspace(pool, "bench")
+        await pool.close()
+        md = key_metadata(key)
+        ingest_ch = grpc.aio.insecure_channel(f"127.0.0.1:{ports['ingest']}")
+        camp_ch = grpc.aio.insecure_channel(f"127.0.0.1:{ports['campaign']}")
+        campaigns = CampaignServiceStub(camp_ch)
+        await live(campaigns, md, "send-now", SEND_NOW)
+        lat = await latency_phase(url, IngestServiceStub(ingest_ch), md)
+        log(f"latency: {json.dumps(lat)}")
+
+        timer_campaign = await live(campaigns, md, "timers", TIMER_FLOW)
+        one_s, one_n = await timer_phase(url, ws.id, timer_campaign, "one")
+        log(f"one replica: {one_n} in {one_s:.1f}s")
+        procs.append(
+            await serve(
+                "campaign", {**common, **addrs, "PARLEY_CAMPAIGN_PORT": str(ports["campaign2"])}, ports["campaign2"]
+            )
+        )
+        two_s, two_n = await timer_phase(url, ws.id, timer_campaign, "two")
+        log(f"two replicas: {two_n} in {two_s:.1f}s")
+        await ingest_ch.close()
+        await camp_ch.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await conn.close()
+
+    ok_lat = lat["p50"] <= 50 and lat["p99"] <= 250
+    print("## Campaign\n")
+    print(
+        f"Trigger-to-send: a live send-immediately campaign; {lat['events']:.0f} track events through ingest at "
+        f"{lat['rate']:.0f}/s for {SECONDS:.0f}s ({lat['acked']:.0f} acked, {lat['errors']:.0f} errors). Latency "
+        "is from ingest's ack to messaging storing the SMS (ingest → identity → event stream → enrollment → "
+        "timer claim → GetContact → SendSms).\n"
+    )
+    print("| metric | value | target |\n|---|---|---|")
+    print(f"| sends received | {lat['sent']:.0f} / {lat['acked']:.0f} | all |")
+    print(f"| p50 | {lat['p50']:.1f} ms | ≤ 50 ms |")
+    print(f"| p99 | {lat['p99']:.1f} ms | ≤ 250 ms |")
+    print(f"| max | {lat['max']:.1f} ms | |")
+    print(f"| within target | {'yes' if ok_lat else 'no'} | |\n")
+    print(
+        f"Timer drain: {TIMERS:,} enrollments waiting at a `wait` step, made due in one statement; each "
+        "firing ends the wait and enters the next `wait` (two step visits, one transaction per batch of 200, "
+        "history written set-based).\n"
+    )
+    print("| replicas | drained | seconds | enrollments/s | step visits/s | target |\n|---|---|---|---|---|---|")
+    print(f"| 1 | {one_n:,} | {one_s:.1f} | {one_n / one_s:,.0f} | {2 * one_n / one_s:,.0f} | ≥ 2,000 steps/s |")
+    print(f"| 2 | {two_n:,} | {two_s:.1f} | {two_n / two_s:,.0f} | {2 * two_n / two_s:,.0f} | more than one |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
