@@ -128,13 +128,15 @@ class Stack:
             getattr(ev, f).FromDatetime(now)
         return ev
 
-    async def contact(self, user: str, phone: str, **traits: Any) -> str:
-        """Make a contact (an identify with a phone) and return its id."""
+    async def contact(self, user: str, phone: str, *, consent: bool = True, **traits: Any) -> str:
+        """Make a contact (an identify with a phone), opted in to SMS unless told not to; returns its id."""
         ids = await self.record(self.event("", user=user, traits={"phone": phone, **traits}, phone=phone))
         assert ids[0], "identity did not resolve a contact"
-        consent = msg_pb.Consent(phone=phone, channel=msg_pb.CHANNEL_SMS, subscribed=True, source="api")
-        consent.consent_time.FromDatetime(datetime.now(UTC))
-        await self.msg_stub.SetConsent(msg_pb.SetConsentRequest(consent=consent), metadata=self.imd())
+        if not consent:
+            return ids[0]
+        consent_msg = msg_pb.Consent(phone=phone, channel=msg_pb.CHANNEL_SMS, subscribed=True, source="api")
+        consent_msg.consent_time.FromDatetime(datetime.now(UTC))
+        await self.msg_stub.SetConsent(msg_pb.SetConsentRequest(consent=consent_msg), metadata=self.imd())
         return ids[0]
 
     async def messages(self, contact_id: str) -> list[msg_pb.Message]:

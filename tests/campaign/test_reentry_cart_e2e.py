@@ -118,3 +118,51 @@ async def test_once_and_any_time_keep_one_active_enrollment(stack: Stack) -> Non
     # "once" never again; "any time" enrolls again now the first run has ended.
     assert len(rows) == 3 and sum(r.state == pb.ENROLLMENT_STATE_ACTIVE for r in rows) == 1
     assert len(await s.messages(kim)) == 2
+
+
+REFUSED = {
+    "trigger": {"event": {"name": "Rate Locked"}},
+    "steps": [
+        {"id": "sms", "next": "call", "send_sms": {"body": "Your rate is locked"}},
+        {"id": "call", "call_task": {"queue": "rates"}},
+    ],
+}
+
+
+async def test_a_refused_send_is_recorded_and_the_journey_goes_on(stack: Stack) -> None:
+    s = stack
+    await s.campaign.live("refused", REFUSED)
+    lee = await s.contact("u-lee", "+12125550501", consent=False)
+    await s.record(s.event("Rate Locked", user="u-lee"))
+    await s.engine.run_due()
+    e = (await _enrollments(s, lee))[0]
+    sms, call = e.history
+    assert sms.outcome == "failed" and sms.detail.startswith("FAILED_PRECONDITION")
+    assert call.outcome == "created" and e.state == pb.ENROLLMENT_STATE_COMPLETED
+
+
+PROPERTY = {
+    "trigger": {"property_change": {"key": "loan_stage", "conditions": [{"operator": "eq", "value": "approved"}]}},
+    "steps": [{"id": "sms", "send_sms": {"body": "Congrats {{contact.first_name|default:\"\"}}, you are approved"}}],
+}
+AUDIENCE = {
+    "trigger": {"audience_entry": {}},
+    "audience": [{"key": "score", "operator": "gte", "value": 700}],
+    "steps": [{"id": "sms", "send_sms": {"body": "You pre-qualify"}}],
+}
+
+
+async def test_property_change_and_audience_entry_triggers(stack: Stack) -> None:
+    s = stack
+    await s.campaign.live("approved", PROPERTY)
+    await s.campaign.live("prequalified", AUDIENCE)
+    mo = await s.contact("u-mo", "+12125550701", first_name="Mo", score=600)
+    await s.record(s.event("", user="u-mo", traits={"loan_stage": "review", "score": 650}))
+    await s.engine.run_due()
+    assert await s.messages(mo) == []
+    await s.record(s.event("", user="u-mo", traits={"loan_stage": "approved"}))
+    await s.engine.run_due()
+    assert [m.body for m in await s.messages(mo)] == ["Congrats Mo, you are approved"]
+    await s.record(s.event("", user="u-mo", traits={"score": 720}))
+    await s.engine.run_due()
+    assert sorted(m.body for m in await s.messages(mo)) == ["Congrats Mo, you are approved", "You pre-qualify"]
