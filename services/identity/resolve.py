@@ -20,6 +20,10 @@ PHONE_KEY = "phone"
 
 IdentityKey = tuple[str, str]  # (kind, external id)
 
+# Plain ints: comparing against the enum wrapper's attributes costs a lookup per event.
+_ALIAS = int(EventType.EVENT_TYPE_ALIAS)
+_IDENTIFY = int(EventType.EVENT_TYPE_IDENTIFY)
+
 
 def event_time_us(event: Event) -> int:
     """The event's time in epoch microseconds: its skew-corrected timestamp, else when it was received."""
@@ -153,7 +157,7 @@ def lock_identities(events: Iterable[Event]) -> tuple[set[IdentityKey], set[str]
             ids.add((ANONYMOUS, e.anonymous_id))
         if e.user_id:
             ids.add((USER, e.user_id))
-        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+        if e.type == _ALIAS and e.previous_id:
             ids.add((ANONYMOUS, e.previous_id))
             ids.add((USER, e.previous_id))
         if e.phone:
@@ -253,14 +257,14 @@ class _Resolver:
                 self.merge(ka, key)
             else:
                 anonymous_taken = True
-        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+        if e.type == _ALIAS and e.previous_id:
             kp = self.lookup(USER, e.previous_id) or self.lookup(ANONYMOUS, e.previous_id)
             if kp is not None and key is not None and kp != key:
                 self.merge(kp, key)  # an alias joins whatever the previous id belonged to
             elif key is None:
                 key = kp
         if key is None:
-            if not (e.user_id or e.anonymous_id or (e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id)):
+            if not (e.user_id or e.anonymous_id or (e.type == _ALIAS and e.previous_id)):
                 return None
             user = self.new_user()
             key = user.key
@@ -271,7 +275,7 @@ class _Resolver:
                 user.identified = user.dirty = True
         if e.anonymous_id and not anonymous_taken:
             self.register(ANONYMOUS, e.anonymous_id, key)
-        if e.type == EventType.EVENT_TYPE_ALIAS and e.previous_id:
+        if e.type == _ALIAS and e.previous_id:
             if (USER, e.previous_id) not in self.s.identities:
                 self.register(ANONYMOUS, e.previous_id, key)
         return user
@@ -313,7 +317,7 @@ class _Resolver:
         ev.contact_id = contact.id if contact else None
         if contact is None and user is not None:
             self.waiting_new.setdefault(user.key, []).append(ev)
-        if e.type == EventType.EVENT_TYPE_IDENTIFY:
+        if e.type == _IDENTIFY:
             traits = struct_to_dict(e, "traits")
             if traits:
                 if user is not None:

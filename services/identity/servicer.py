@@ -203,11 +203,11 @@ class IdentityServicer(IdentityServiceServicer):
                 before = (datetime.fromisoformat(position[0]), int(position[1]))
             except (ValueError, IndexError, TypeError) as exc:
                 raise InvalidArgument.field("page_token", "not a page token of this query") from exc
-        if not await repository.contact_exists(self._pool, workspace.id, contact_id):
-            raise NotFound("no such contact in this workspace")
         rows = await repository.contact_events(
             self._pool, workspace.id, contact_id, names, start, end, size + 1, before
         )
+        if not rows and not await repository.contact_exists(self._pool, workspace.id, contact_id):
+            raise NotFound("no such contact in this workspace")
         token = ""
         if len(rows) > size:
             rows = rows[:size]
