@@ -210,7 +210,8 @@ class Engine:
                 await self._advance(run, now)
             except Exception as exc:
                 log.warning("step_failed_will_retry", enrollment_id=str(run.id), step_id=run.step_id, error=repr(exc))
-                self._retry(run, now, repr(exc))
+                detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                self._retry(run, now, detail)
 
     def _retry(self, run: Run, now: datetime, detail: str) -> None:
         attempts = run.row["attempts"] + 1
@@ -221,7 +222,7 @@ class Engine:
             run.row["phase"] = "retry_enter"
         key = (run.step_id, run.visit)
         if key in run.history:
-            run.history[key]["detail"] = detail[:500]
+            run.history[key].update(outcome="retrying", detail=detail[:500])
 
     def _hist(self, run: Run, kind: str, now: datetime) -> dict[str, Any]:
         key = (run.step_id, run.visit)
