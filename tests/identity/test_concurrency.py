@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import asyncpg
+import pytest
 from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 
 from tests.identity.conftest import Identity, Tenant, event, identify, page, track
@@ -33,8 +34,11 @@ def batch(rng: random.Random, n: int) -> list[Event]:
     return out
 
 
-async def test_concurrent_batches_on_overlapping_users_and_phones(identity: Identity, tenant: Tenant) -> None:
-    rng = random.Random(7)
+@pytest.mark.parametrize("seed", [7, 11])
+async def test_concurrent_batches_on_overlapping_users_and_phones(
+    identity: Identity, tenant: Tenant, seed: int
+) -> None:
+    rng = random.Random(seed)
     batches = [batch(rng, 30) for _ in range(WRITERS * 2)]
     # Half the batches are sent twice, concurrently with themselves: retries racing the original.
     sends = batches + batches[: WRITERS // 2]
