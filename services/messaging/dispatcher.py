@@ -122,6 +122,9 @@ class Dispatcher:
                     "sms_retry", message_id=mid, attempt=attempt, error_code=res.error_code, delay_s=round(delay, 3)
                 )
         async with app.pool.acquire() as conn, conn.transaction():
+            await repo.lock_provider_ids(
+                conn, [(r.workspace_id, r.provider_message_id) for r in results if r.provider_message_id]
+            )
             moved = await repo.record_results(conn, results, now)
             outcomes = _outcomes(moved, now)
             sids = [(str(r["workspace_id"]), r["provider_message_id"]) for r in moved if r["provider_message_id"]]

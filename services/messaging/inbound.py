@@ -40,6 +40,7 @@ async def status_callback(app: Messaging, ws: Workspace, form: Mapping[str, str]
             return "duplicate"
         if status is None:
             return "ignored"
+        await repo.lock_provider_ids(conn, [(ws.id, sid)])
         row, known = await repo.apply_status(conn, ws.id, sid, status, form.get("ErrorCode", ""), now)
         if row is None:
             return "stale" if known else "early"

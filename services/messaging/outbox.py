@@ -42,6 +42,7 @@ class OutboxDeliverer:
     def __init__(self, app: Messaging) -> None:
         self.app = app
         self._channel: grpc.aio.Channel | None = None
+        self._pause = 0.0
 
     def _stub(self) -> IngestServiceStub:
         if self._channel is None:
@@ -56,7 +57,10 @@ class OutboxDeliverer:
                 log.warning("outbox_failed", error=repr(exc))
                 handled = 0
                 await asyncio.sleep(1.0)
-            if handled == 0:
+            if self._pause > 0:
+                # Ingest is unreachable: stay away for a while instead of churning through the backlog.
+                await asyncio.sleep(self._pause)
+            elif handled == 0:
                 self.app.outbox_wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.app.outbox_wakeup.wait(), self.app.tuning.outbox_poll_seconds)
@@ -83,6 +87,8 @@ class OutboxDeliverer:
                 attempts = max(r["attempts"] for r in group)
                 delay = backoff_delay(attempts, 1.0, 300.0)
                 await repo.outbox_retry(app.pool, ws, ids, delay, f"{err.code().name}: {err.details()}")
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._pause = min(30.0, max(0.5, self._pause * 2))
                 log.warning("outbox_ingest_unavailable", code=err.code().name, events=len(ids), retry_s=round(delay, 1))
                 continue
             for result in resp.results:
@@ -93,6 +99,7 @@ class OutboxDeliverer:
                         violations=[f"{v.field}: {v.description}" for v in result.violations],
                     )
             await repo.outbox_done(app.pool, ws, ids)
+            self._pause = 0.0
         return len(rows)
 
     async def close(self) -> None:

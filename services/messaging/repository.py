@@ -104,66 +104,62 @@ async def lock_phone(conn: asyncpg.Connection, workspace_id: str, phone: str) ->
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{workspace_id}|{phone}")
 
 
-async def send_state(conn: asyncpg.Connection, workspace_id: str, phone: str, since: datetime) -> SendState:
-    row = await conn.fetchrow(
-        """SELECT
-             (SELECT subscribed FROM messaging.consents
-               WHERE workspace_id = $1 AND phone = $2 AND channel = 'sms') AS sms_subscribed,
-             (SELECT count(*) FROM messaging.messages
-               WHERE workspace_id = $1 AND phone = $2 AND direction = 'outbound'
-                 AND status NOT IN ('blocked', 'failed') AND create_time > $3) AS sent_24h,
-             c.id AS conversation_id, c.started_by_contact
-           FROM (SELECT 1) AS one
-           LEFT JOIN messaging.conversations c ON c.workspace_id = $1 AND c.phone = $2""",
-        workspace_id,
-        phone,
+async def lock_phones(conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> None:
+    """Take every (workspace, phone) lock of a batch, in one sorted order so batches never deadlock."""
+    ordered = sorted({f"{ws}|{phone}" for ws, phone in keys})
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k", ordered)
+
+
+async def send_states(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]], since: datetime
+) -> dict[tuple[str, str], SendState]:
+    """What the gate needs to know about each phone (consent, 24-hour count, conversation), in one statement."""
+    unique = sorted(set(keys))
+    rows = await conn.fetch(
+        """SELECT k.workspace_id, k.phone,
+             (SELECT subscribed FROM messaging.consents c
+               WHERE c.workspace_id = k.workspace_id AND c.phone = k.phone AND c.channel = 'sms') AS sms_subscribed,
+             (SELECT count(*) FROM messaging.messages m
+               WHERE m.workspace_id = k.workspace_id AND m.phone = k.phone AND m.direction = 'outbound'
+                 AND m.status NOT IN ('blocked', 'failed') AND m.create_time > $3) AS sent_24h,
+             cv.id AS conversation_id, cv.started_by_contact
+           FROM unnest($1::uuid[], $2::text[]) AS k(workspace_id, phone)
+           LEFT JOIN messaging.conversations cv ON cv.workspace_id = k.workspace_id AND cv.phone = k.phone""",
+        [k[0] for k in unique],
+        [k[1] for k in unique],
         since,
     )
-    assert row is not None
-    return SendState(
-        row["sms_subscribed"],
-        int(row["sent_24h"]),
-        str(row["conversation_id"]) if row["conversation_id"] else None,
-        bool(row["started_by_contact"]),
-    )
-
-
-_MESSAGE_COLUMNS = """workspace_id, conversation_id, contact_id, phone, direction, body, status, segments,
-    encoding, error_code, error_message, due_time, request_id, campaign_id, transactional, is_reply,
-    time_zone, create_time, update_time"""
-
-
-async def insert_outbound(
-    conn: asyncpg.Connection, m: NewMessage, now: datetime, *, open_conversation: bool
-) -> asyncpg.Record | None:
-    """Insert the message (and its conversation when ``open_conversation``); None when its request_id exists."""
-    if open_conversation:
-        return await conn.fetchrow(
-            f"""WITH conv AS (
-                  INSERT INTO messaging.conversations AS c
-                      (workspace_id, phone, contact_id, started_by_contact, last_message_time, create_time)
-                  VALUES ($1, $2, $3, false, $16, $16)
-                  ON CONFLICT (workspace_id, phone) DO UPDATE
-                      SET last_message_time = greatest(c.last_message_time, EXCLUDED.last_message_time),
-                          contact_id = CASE WHEN c.contact_id = '' THEN EXCLUDED.contact_id ELSE c.contact_id END
-                  RETURNING id)
-                INSERT INTO messaging.messages ({_MESSAGE_COLUMNS})
-                SELECT $1, conv.id, $3, $2, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16
-                FROM conv
-                ON CONFLICT (workspace_id, request_id) DO NOTHING
-                RETURNING *""",
-            *_message_args(m),
-            now,
+    return {
+        (str(r["workspace_id"]), r["phone"]): SendState(
+            r["sms_subscribed"],
+            int(r["sent_24h"]),
+            str(r["conversation_id"]) if r["conversation_id"] else None,
+            bool(r["started_by_contact"]),
         )
-    return await conn.fetchrow(
-        f"""INSERT INTO messaging.messages ({_MESSAGE_COLUMNS})
-            VALUES ($1, $17::uuid, $3, $2, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)
-            ON CONFLICT (workspace_id, request_id) DO NOTHING
-            RETURNING *""",
-        *_message_args(m),
+        for r in rows
+    }
+
+
+async def open_conversations(
+    conn: asyncpg.Connection, items: Sequence[tuple[str, str, str]], now: datetime
+) -> dict[tuple[str, str], str]:
+    """The conversation of each (workspace, phone, contact id), created business-started when new."""
+    unique = sorted({(ws, phone): contact for ws, phone, contact in items}.items())
+    rows = await conn.fetch(
+        """INSERT INTO messaging.conversations AS c
+               (workspace_id, phone, contact_id, started_by_contact, last_message_time, create_time)
+           SELECT ws, phone, contact, false, $4, $4
+           FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(ws, phone, contact)
+           ON CONFLICT (workspace_id, phone) DO UPDATE
+               SET last_message_time = greatest(c.last_message_time, EXCLUDED.last_message_time),
+                   contact_id = CASE WHEN c.contact_id = '' THEN EXCLUDED.contact_id ELSE c.contact_id END
+           RETURNING workspace_id, phone, id""",
+        [k[0][0] for k in unique],
+        [k[0][1] for k in unique],
+        [k[1] for k in unique],
         now,
-        m.conversation_id,
     )
+    return {(str(r["workspace_id"]), r["phone"]): str(r["id"]) for r in rows}
 
 
 def _message_args(m: NewMessage) -> list[Any]:
@@ -186,10 +182,39 @@ def _message_args(m: NewMessage) -> list[Any]:
     ]
 
 
-async def message_by_request(conn: Conn, workspace_id: str, request_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT * FROM messaging.messages WHERE workspace_id = $1 AND request_id = $2", workspace_id, request_id
+async def insert_outbound_many(
+    conn: asyncpg.Connection, ms: Sequence[NewMessage], now: datetime
+) -> list[asyncpg.Record]:
+    """Insert messages; those whose request_id exists are skipped (not returned)."""
+    cols = list(zip(*([*_message_args(m), m.conversation_id] for m in ms), strict=True))
+    return await conn.fetch(
+        f"""INSERT INTO messaging.messages ({_MESSAGE_COLUMNS})
+            SELECT ws, conv, contact, phone, 'outbound', body, status, segments, encoding, error_code, error_message,
+                   due_time, request_id, campaign_id, transactional, is_reply, time_zone, $17, $17
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
+                        $8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::text[], $13::bool[],
+                        $14::bool[], $15::text[], $16::uuid[])
+              AS k(ws, phone, contact, body, status, segments, encoding, error_code, error_message, due_time,
+                   request_id, campaign_id, transactional, is_reply, time_zone, conv)
+            ON CONFLICT (workspace_id, request_id) DO NOTHING
+            RETURNING *""",
+        *[list(c) for c in cols],
+        now,
     )
+
+
+async def messages_by_request(conn: Conn, keys: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT m.* FROM messaging.messages m
+           JOIN unnest($1::uuid[], $2::text[]) AS k(ws, rid) ON m.workspace_id = k.ws AND m.request_id = k.rid""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+
+
+_MESSAGE_COLUMNS = """workspace_id, conversation_id, contact_id, phone, direction, body, status, segments,
+    encoding, error_code, error_message, due_time, request_id, campaign_id, transactional, is_reply,
+    time_zone, create_time, update_time"""
 
 
 async def get_message(conn: Conn, workspace_id: str, message_id: str) -> asyncpg.Record | None:
@@ -331,6 +356,19 @@ async def record_results(
         [r.due_time for r in results],
         now,
     )
+
+
+async def lock_provider_ids(conn: asyncpg.Connection, sids: Sequence[tuple[str, str]]) -> None:
+    """Serialize recording a provider id with callbacks naming it, so an early callback is never lost.
+
+    Without this, a callback whose transaction overlaps the dispatcher's could miss the id
+    (not yet committed) and park its status after the dispatcher looked for parked ones.
+    """
+    keys = sorted(f"{ws}|{sid}" for ws, sid in sids)
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('sid|' || k, 0)) FROM unnest($1::text[]) AS k", keys
+        )
 
 
 async def take_early_statuses(conn: asyncpg.Connection, sids: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:

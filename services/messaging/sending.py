@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -115,8 +118,7 @@ async def send_sms(app: Messaging, ws: Workspace, req: SendRequest) -> asyncpg.R
     """Record one SMS through the gate; the queued/scheduled row, or the refusal as an error."""
     validate(req)
     target = await resolve_target(app, ws, req)
-    async with app.pool.acquire() as conn, conn.transaction():
-        row = await send_in_transaction(app, conn, ws, req, target)
+    row = await batcher(app).submit(ws, req, target)
     if row["status"] == "blocked":
         raise refusal(row["error_code"])
     if row["status"] == QUEUED:
@@ -124,53 +126,145 @@ async def send_sms(app: Messaging, ws: Workspace, req: SendRequest) -> asyncpg.R
     return row
 
 
+@dataclass(frozen=True)
+class SendItem:
+    workspace: Workspace
+    request: SendRequest
+    target: Target
+
+
 async def send_in_transaction(
     app: Messaging, conn: asyncpg.Connection, ws: Workspace, req: SendRequest, target: Target
 ) -> asyncpg.Record:
-    """The gate and the record, inside the caller's transaction; a refusal is a BLOCKED row."""
-    existing = await repo.message_by_request(conn, ws.id, req.request_id)
-    if existing is not None:
-        return existing
-    policy = await app.policy(ws.id)
-    now = app.clock.now()
-    await repo.lock_phone(conn, ws.id, target.phone)
-    state = await repo.send_state(conn, ws.id, target.phone, now - timedelta(hours=24))
-    in_contact_conversation = state.conversation_started_by_contact and (bool(target.conversation_id) or req.is_reply)
-    decision = gate.decide(
-        policy,
-        gate.GateInput(
-            sms_subscribed=state.sms_subscribed,
-            transactional=req.transactional,
-            reply_to_contact=in_contact_conversation,
-            sent_last_24h=state.sent_last_24h,
-            now=now,
-            zone=target.zone,
-        ),
-    )
-    seg = count_segments(req.body)
-    message = NewMessage(
-        workspace_id=ws.id,
-        phone=target.phone,
-        body=req.body,
-        status="blocked" if not decision.allowed else (SCHEDULED if decision.scheduled else QUEUED),
-        segments=seg.segments,
-        encoding=seg.encoding,
-        request_id=req.request_id,
-        contact_id=target.contact_id,
-        campaign_id=req.campaign_id,
-        transactional=req.transactional,
-        is_reply=req.is_reply or bool(target.conversation_id),
-        time_zone=target.zone,
-        due_time=(decision.due_time or now) if decision.allowed else None,
-        error_code=decision.reason,
-        error_message=gate.REASONS.get(decision.reason, ""),
-        conversation_id=state.conversation_id,
-    )
-    row = await repo.insert_outbound(conn, message, now, open_conversation=decision.allowed)
-    if row is None:  # a concurrent call with the same request_id won
-        row = await repo.message_by_request(conn, ws.id, req.request_id)
-        assert row is not None
+    """The gate and the record for one send inside the caller's transaction; a refusal is a BLOCKED row."""
+    [row] = await gate_and_record(app, conn, [SendItem(ws, req, target)])
     return row
+
+
+async def gate_and_record(app: Messaging, conn: asyncpg.Connection, items: Sequence[SendItem]) -> list[asyncpg.Record]:
+    """The compliance gate for a batch of sends, and their durable record, in the caller's transaction.
+
+    Every outbound SMS passes here. Under the phones' locks it reads each phone's consent,
+    24-hour count and conversation in one statement, decides in order (sends earlier in the
+    batch count toward a phone's cap), and inserts every message — refused ones as BLOCKED
+    with the reason — in one statement. A request_id seen before (in this batch or stored)
+    returns the first message and changes nothing. Returns one row per item, in order.
+    """
+    now = app.clock.now()
+    keys = [(i.workspace.id, i.target.phone) for i in items]
+    await repo.lock_phones(conn, keys)
+    states = await repo.send_states(conn, keys, now - timedelta(hours=24))
+    counts = {k: s.sent_last_24h for k, s in states.items()}
+    first: dict[tuple[str, str], int] = {}
+    new: list[tuple[int, NewMessage]] = []
+    for n, item in enumerate(items):
+        ws, req, target = item.workspace, item.request, item.target
+        if (ws.id, req.request_id) in first:
+            continue
+        first[(ws.id, req.request_id)] = n
+        key = (ws.id, target.phone)
+        state = states[key]
+        decision = gate.decide(
+            await app.policy(ws.id),
+            gate.GateInput(
+                sms_subscribed=state.sms_subscribed,
+                transactional=req.transactional,
+                reply_to_contact=state.conversation_started_by_contact
+                and (bool(target.conversation_id) or req.is_reply),
+                sent_last_24h=counts[key],
+                now=now,
+                zone=target.zone,
+            ),
+        )
+        if decision.allowed:
+            counts[key] += 1
+        seg = count_segments(req.body)
+        new.append(
+            (
+                n,
+                NewMessage(
+                    workspace_id=ws.id,
+                    phone=target.phone,
+                    body=req.body,
+                    status="blocked" if not decision.allowed else (SCHEDULED if decision.scheduled else QUEUED),
+                    segments=seg.segments,
+                    encoding=seg.encoding,
+                    request_id=req.request_id,
+                    contact_id=target.contact_id,
+                    campaign_id=req.campaign_id,
+                    transactional=req.transactional,
+                    is_reply=req.is_reply or bool(target.conversation_id),
+                    time_zone=target.zone,
+                    due_time=(decision.due_time or now) if decision.allowed else None,
+                    error_code=decision.reason,
+                    error_message=gate.REASONS.get(decision.reason, ""),
+                    conversation_id=state.conversation_id,
+                ),
+            )
+        )
+    allowed = [(m.workspace_id, m.phone, m.contact_id) for _, m in new if m.status != "blocked"]
+    conversations = await repo.open_conversations(conn, allowed, now) if allowed else {}
+    messages = [
+        dataclasses.replace(m, conversation_id=conversations[(m.workspace_id, m.phone)]) if m.status != "blocked" else m
+        for _, m in new
+    ]
+    inserted = await repo.insert_outbound_many(conn, messages, now)
+    by_request = {(str(r["workspace_id"]), r["request_id"]): r for r in inserted}
+    missing = [k for k in first if k not in by_request]
+    if missing:  # stored before, or by a concurrent batch
+        for r in await repo.messages_by_request(conn, missing):
+            by_request[(str(r["workspace_id"]), r["request_id"])] = r
+    return [by_request[(i.workspace.id, i.request.request_id)] for i in items]
+
+
+class SendBatcher:
+    """Coalesces concurrent SendSms calls of this process into one gate transaction (group commit).
+
+    While one batch's transaction runs, the next calls queue; the next batch takes them all
+    (up to ``max_batch``). One caller alone still gets its own transaction at once.
+    """
+
+    def __init__(self, app: Messaging, max_batch: int = 500, flushers: int = 2) -> None:
+        self.app = app
+        self.max_batch = max_batch
+        self.flushers = flushers
+        self._pending: list[tuple[SendItem, asyncio.Future[asyncpg.Record]]] = []
+        self._active = 0
+
+    async def submit(self, ws: Workspace, req: SendRequest, target: Target) -> asyncpg.Record:
+        fut: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
+        self._pending.append((SendItem(ws, req, target), fut))
+        if self._active < self.flushers:
+            self._active += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                try:
+                    async with self.app.pool.acquire() as conn, conn.transaction():
+                        rows = await gate_and_record(self.app, conn, [item for item, _ in batch])
+                except BaseException as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, fut), row in zip(batch, rows, strict=True):
+                    if not fut.done():
+                        fut.set_result(row)
+        finally:
+            self._active -= 1
+
+
+def batcher(app: Messaging) -> SendBatcher:
+    found = app.extra.get("send_batcher")
+    if found is None:
+        found = app.extra["send_batcher"] = SendBatcher(app)
+    return found
 
 
 # ---------------------------------------------------------------- call tasks

@@ -41,10 +41,12 @@ class TwilioStandIn:
     callback_base: str | None = None
     public_base: str = ""
     callback_status: str = "delivered"
+    callbacks_on: bool = True
     port: int = 0
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -106,7 +108,7 @@ class TwilioStandIn:
             return self._error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
         sid = f"SM{next(self._ids):032x}"
         self.received.append(Received(sid, to, body, form.get("StatusCallback", ""), form))
-        if self.callback_base and form.get("StatusCallback"):
+        if self.callback_base and self.callbacks_on and form.get("StatusCallback"):
             task = asyncio.create_task(self._callback(sid, form))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
@@ -128,7 +130,10 @@ class TwilioStandIn:
 
     async def _callback(self, sid: str, form: dict[str, str]) -> None:
         public = form["StatusCallback"]
-        local = self.callback_base.rstrip("/") + public[len(self.public_base.rstrip("/")) :]  # type: ignore[union-attr]
+        # Several bases (comma-separated) are used in turn, like a load balancer over replicas.
+        bases = (self.callback_base or "").split(",")
+        base = bases[next(self._turn) % len(bases)]
+        local = base.rstrip("/") + public[len(self.public_base.rstrip("/")) :]
         params = {
             "MessageSid": sid,
             "SmsSid": sid,
@@ -154,3 +159,44 @@ class TwilioStandIn:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
+
+
+async def _serve(port: int, callback_base: str | None, public_base: str) -> None:
+    standin = TwilioStandIn(callback_base=callback_base, public_base=public_base, port=port)
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", standin._create)
+    app.router.add_get("/count", lambda _: _count(standin))
+    app.router.add_post("/control", lambda request: _control(standin, request))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print(f"standin listening on {port}", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _control(standin: TwilioStandIn, request: web.Request) -> web.Response:
+    """Switch delivery callbacks on or off (``{"callbacks": true}``)."""
+    body = await request.json()
+    standin.callbacks_on = bool(body.get("callbacks", True))
+    return web.json_response({"callbacks": standin.callbacks_on})
+
+
+async def _count(standin: TwilioStandIn) -> web.Response:
+    return web.json_response(
+        {
+            "received": len(standin.received),
+            "distinct": len({r.form.get("Body", "") for r in standin.received}),
+            "attempts": standin.attempts,
+        }
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the Twilio stand-in as its own process (benchmarks).")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--callback-base", default=None, help="where to post signed status callbacks")
+    parser.add_argument("--public-base", default="", help="the public URL prefix the callbacks are signed for")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.port, args.callback_base, args.public_base))
