@@ -64,7 +64,7 @@ class Forwarder:
     """
 
     def __init__(
-        self, identity: IdentityServiceStub, token: str, *, timeout: float = 30.0, max_in_flight: int = 2
+        self, identity: IdentityServiceStub, token: str, *, timeout: float = 30.0, max_in_flight: int = 1
     ) -> None:
         self._identity = identity
         self._token = token

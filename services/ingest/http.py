@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ _CHUNK = 64 * 1024
 # JSON bodies; text/plain is what browsers' sendBeacon uses to avoid a CORS preflight.
 _CONTENT_TYPES = frozenset({"application/json", "text/plain"})
 _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
+# Responses by status since start (a Counter), e.g. how many 503s senders were told to retry.
+RESPONSES = web.AppKey("responses", Counter)
 
 
 class HttpError(Exception):
@@ -249,6 +252,7 @@ async def _errors(
             log.exception("http_unhandled_error")
             response = HttpError(500, "internal", "internal error").response()
         response.headers["X-Request-Id"] = rid
+        request.app[RESPONSES][response.status] += 1
         log.info("http", status=response.status, duration_ms=round((time.perf_counter() - started) * 1000, 2))
         return response
 
@@ -257,6 +261,7 @@ def build_app(ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) ->
     """The aiohttp application: Segment's ``/v1/*`` endpoints and Regal's ``/events``."""
     handlers = HttpIngest(ingestor, verifier, max_body_bytes)
     app = web.Application(middlewares=[_errors])
+    app[RESPONSES] = Counter()
     app.router.add_post("/v1/batch", handlers.batch)
     app.router.add_post("/v1/import", handlers.batch)
     for kind in _SINGLE_KINDS:
@@ -274,4 +279,5 @@ async def start(rt: Runtime, ingestor: Ingestor) -> None:
     site = web.TCPSite(runner, rt.settings.host, rt.settings.ingest_http_port)
     await site.start()
     rt.state["http_port"] = int(runner.addresses[0][1])
+    rt.state["http_responses"] = app[RESPONSES]
     rt.on_stop(runner.cleanup)
