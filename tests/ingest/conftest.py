@@ -68,8 +68,8 @@ async def make_stack(
 
     stacks: list[Stack] = []
 
-    async def make(**ingest_overrides: Any) -> Stack:
-        workspace, key = await make_workspace(db_url)
+    async def make(default_region: str = "US", **ingest_overrides: Any) -> Stack:
+        workspace, key = await make_workspace(db_url, default_region=default_region)
         identity = await start(IDENTITY, test_settings(db_url), port=0)
         settings = test_settings(db_url, identity_addr=f"127.0.0.1:{identity.port}", **ingest_overrides)
         ingest = await start(INGEST, settings, port=0)

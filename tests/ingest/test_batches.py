@@ -12,7 +12,7 @@ from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
-from tests.ingest.conftest import Stack, struct, track
+from tests.ingest.conftest import Stack, StackFactory, struct, track
 
 ACCEPTED, DUPLICATE, REJECTED = (
     EventStatus.EVENT_STATUS_ACCEPTED,
@@ -129,3 +129,13 @@ async def test_concurrent_single_events_share_identity_calls(stack: Stack) -> No
     assert all(r.result.status == ACCEPTED for r in responses)
     assert forwarder.calls - calls_before < 64
     assert len(await user_events(stack, user)) == 64
+
+
+async def test_phones_are_read_in_the_workspace_region(make_stack: StackFactory) -> None:
+    uk = await make_stack(default_region="GB")
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    event = Event(type=EventType.EVENT_TYPE_IDENTIFY, user_id=user, traits=struct({"phone": "020 7946 0958"}))
+    response = await uk.stub.Identify(pb.IdentifyRequest(event=event), metadata=uk.md)
+    assert response.result.status == ACCEPTED
+    [stored] = await user_events(uk, user)
+    assert stored.event.phone == "+442079460958"

@@ -315,3 +315,23 @@ async def test_503_while_identity_is_down_then_success(make_stack: StackFactory,
     status, _ = await post(http, f"{stack.http_url}/v1/batch", body, basic(stack.key))
     assert status == 200
     assert len(await events_of(stack, user)) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "kind"),
+    [
+        ("/v1/page", {"name": "Home"}, EventType.EVENT_TYPE_PAGE),
+        ("/v1/screen", {"name": "Dashboard"}, EventType.EVENT_TYPE_SCREEN),
+        ("/v1/identify", {"traits": {"first_name": "Ada"}}, EventType.EVENT_TYPE_IDENTIFY),
+        ("/v1/group", {"groupId": "acme"}, EventType.EVENT_TYPE_GROUP),
+        ("/v1/alias", {"previousId": "anon-7"}, EventType.EVENT_TYPE_ALIAS),
+    ],
+)
+async def test_single_endpoints(
+    stack: Stack, http: aiohttp.ClientSession, path: str, body: dict[str, Any], kind: int
+) -> None:
+    user = uid()
+    status, answer = await post(http, f"{stack.http_url}{path}", {"userId": user, **body}, basic(stack.key))
+    assert (status, answer) == (200, {"success": True})
+    stored = await events_of(stack, user)
+    assert [e.event.type for e in stored] == [kind]
