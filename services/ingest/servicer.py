@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -14,6 +16,8 @@ from services.common.errors import InvalidArgument
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
 
 MAX_BATCH_EVENTS = 1000
+# Stream messages being validated and forwarded at once.
+STREAM_IN_FLIGHT = 4
 
 _SINGLE = single_namer("event")
 _BATCH = batch_namer("events")
@@ -79,9 +83,27 @@ class IngestServicer(IngestServiceServicer):
         self, request_iterator: AsyncIterator[pb.IngestStreamRequest], context: grpc.aio.ServicerContext
     ) -> pb.IngestStreamResponse:
         workspace = current_workspace()
+        # Messages are validated and forwarded while the next ones arrive (a few at a time,
+        # so consecutive messages can share identity calls); results keep stream order.
+        pending: deque[asyncio.Task[list[EventResult]]] = deque()
         results: list[EventResult] = []
-        async for request in request_iterator:
-            self._check_batch(len(request.events), request.ByteSize(), allow_empty=True)
-            if request.events:
-                results.extend(await self._ingestor.ingest(request.events, workspace, _BATCH, base_index=len(results)))
+        received = 0
+        try:
+            async for request in request_iterator:
+                self._check_batch(len(request.events), request.ByteSize(), allow_empty=True)
+                if not request.events:
+                    continue
+                pending.append(
+                    asyncio.create_task(self._ingestor.ingest(request.events, workspace, _BATCH, base_index=received))
+                )
+                received += len(request.events)
+                if len(pending) >= STREAM_IN_FLIGHT:
+                    results.extend(await pending.popleft())
+            while pending:
+                results.extend(await pending.popleft())
+        finally:
+            for task in pending:
+                if task.done() and not task.cancelled():
+                    task.exception()  # the first failure already ends the call; these are moot
+                task.cancel()
         return pb.IngestStreamResponse(results=results, **_counts(results))
