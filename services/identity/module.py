@@ -11,18 +11,24 @@ from parley.identity.v1.identity_service_pb2_grpc import add_IdentityServiceServ
 
 from services.common.embedded import database_url
 from services.common.server import Runtime, ServiceModule
+from services.identity.connections import HeldConnections
 from services.identity.servicer import IdentityServicer
 from services.identity.stream import EventHub, listen
 
 
 def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
     hub = EventHub()
-    rt.state["event_hub"] = hub
-    add_IdentityServiceServicer_to_server(IdentityServicer(rt.pool, hub), server)
+    # Up to half the pool serves reads on held connections; the rest is for RecordEvents.
+    reads = HeldConnections(rt.pool, rt.settings.db_pool_max // 2)
+    rt.state["event_hub"], rt.state["held_connections"] = hub, reads
+    add_IdentityServiceServicer_to_server(IdentityServicer(rt.pool, reads, hub), server)
     return [identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
 
 
 async def on_start(rt: Runtime) -> None:
+    reads: HeldConnections = rt.state["held_connections"]
+    await reads.start()
+    rt.on_stop(reads.stop)
     rt.spawn(listen(database_url(rt.settings), rt.state["event_hub"]), name="identity-event-listener")
 
 

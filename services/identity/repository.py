@@ -34,6 +34,10 @@ NOTIFY_CHANNEL = "parley_identity_events"
 MAX_IDS_PER_CONTACT = 100
 
 
+# Read queries run on a pooled or a held connection alike.
+Db = asyncpg.Pool | asyncpg.Connection
+
+
 class RetryBatch(Exception):
     """The batch read a user that a concurrent batch joined into another; run it again."""
 
@@ -325,8 +329,8 @@ def _contact(r: asyncpg.Record) -> ContactRow:
     )
 
 
-async def contact_by_id(pool: asyncpg.Pool, workspace_id: str, contact_id: uuid.UUID) -> ContactRow | None:
-    r = await pool.fetchrow(
+async def contact_by_id(db: Db, workspace_id: str, contact_id: uuid.UUID) -> ContactRow | None:
+    r = await db.fetchrow(
         f"SELECT {_CONTACT_COLUMNS} FROM identity.contacts c WHERE c.workspace_id = $1 AND c.id = $2",
         uuid.UUID(workspace_id),
         contact_id,
@@ -334,8 +338,8 @@ async def contact_by_id(pool: asyncpg.Pool, workspace_id: str, contact_id: uuid.
     return _contact(r) if r else None
 
 
-async def contact_by_phone(pool: asyncpg.Pool, workspace_id: str, phone: str) -> ContactRow | None:
-    r = await pool.fetchrow(
+async def contact_by_phone(db: Db, workspace_id: str, phone: str) -> ContactRow | None:
+    r = await db.fetchrow(
         f"SELECT {_CONTACT_COLUMNS} FROM identity.contacts c WHERE c.workspace_id = $1 AND c.phone = $2",
         uuid.UUID(workspace_id),
         phone,
@@ -384,7 +388,7 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
 
 
 async def list_contacts(
-    pool: asyncpg.Pool,
+    db: Db,
     workspace_id: str,
     conditions: Sequence[Condition],
     order_column: str,
@@ -403,7 +407,7 @@ async def list_contacts(
         cmp = "<" if descending else ">"
         where.append(f"(c.{order_column}, c.id) {cmp} (${len(args) - 1}, ${len(args)})")
     args.append(limit)
-    rows = await pool.fetch(
+    rows = await db.fetch(
         f"""SELECT {_CONTACT_COLUMNS} FROM identity.contacts c WHERE {" AND ".join(where)}
              ORDER BY c.{order_column} {direction}, c.id {direction} LIMIT ${len(args)}""",
         *args,
@@ -442,9 +446,9 @@ _EVENT_COLUMNS = (
 )
 
 
-async def contact_exists(pool: asyncpg.Pool, workspace_id: str, contact_id: uuid.UUID) -> bool:
+async def contact_exists(db: Db, workspace_id: str, contact_id: uuid.UUID) -> bool:
     return bool(
-        await pool.fetchval(
+        await db.fetchval(
             "SELECT EXISTS (SELECT 1 FROM identity.contacts WHERE workspace_id = $1 AND id = $2)",
             uuid.UUID(workspace_id),
             contact_id,
@@ -453,7 +457,7 @@ async def contact_exists(pool: asyncpg.Pool, workspace_id: str, contact_id: uuid
 
 
 async def contact_events(
-    pool: asyncpg.Pool,
+    db: Db,
     workspace_id: str,
     contact_id: uuid.UUID,
     names: Sequence[str],
@@ -478,7 +482,7 @@ async def contact_events(
         args.extend(before)
         where.append(f"(e.event_time, e.seq) < (${len(args) - 1}, ${len(args)})")
     args.append(limit)
-    rows = await pool.fetch(
+    rows = await db.fetch(
         f"""SELECT {_EVENT_COLUMNS} FROM identity.events e WHERE {" AND ".join(where)}
              ORDER BY e.event_time DESC, e.seq DESC LIMIT ${len(args)}""",
         *args,
@@ -498,11 +502,11 @@ class UserRow:
 
 
 async def user_by_identity(
-    pool: asyncpg.Pool, workspace_id: str, kind: str, external_id: str, event_limit: int
+    conn: asyncpg.Connection, workspace_id: str, kind: str, external_id: str, event_limit: int
 ) -> tuple[UserRow, list[EventRow]] | None:
     """A user by one of its ids, with its newest events (before and after it had a contact)."""
     ws = uuid.UUID(workspace_id)
-    async with pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+    async with conn.transaction(readonly=True, isolation="repeatable_read"):
         r = await conn.fetchrow(
             """SELECT u.user_key, u.contact_id, u.phone, u.traits, u.create_time,
                       ARRAY(SELECT x.external_id FROM identity.identities x WHERE x.workspace_id = u.workspace_id
@@ -562,7 +566,7 @@ SELECT LEAST(pg_snapshot_xmax(s.snap),
 
 
 async def stream_page(
-    pool: asyncpg.Pool, workspace_id: str | None, cursor: Cursor, limit: int
+    conn: asyncpg.Connection, workspace_id: str | None, cursor: Cursor, limit: int
 ) -> tuple[list[EventRow], bool]:
     """Events after ``cursor`` in (xid, seq) order whose writing transactions have all ended; and whether more wait.
 
@@ -581,19 +585,18 @@ async def stream_page(
     page = f"""SELECT {_EVENT_COLUMNS} FROM identity.events e
                 WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8) AND e.xid < {{bound}}
                 ORDER BY e.xid, e.seq LIMIT ${len(args) + 1}"""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(page.format(bound="pg_snapshot_xmin(pg_current_snapshot())"), *args, limit)
-        if rows:
-            return [_event(r, "recorded_contact_id") for r in rows], False
-        waiting = await conn.fetchval(
-            f"""SELECT EXISTS (SELECT 1 FROM identity.events e
-                 WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8))""",
-            *args,
-        )
-        if not waiting:
-            return [], False
-        bound = await conn.fetchval(_WRITERS_BOUND)
-        rows = await conn.fetch(page.format(bound=f"${len(args) + 2}::text::xid8"), *args, limit, bound)
+    rows = await conn.fetch(page.format(bound="pg_snapshot_xmin(pg_current_snapshot())"), *args, limit)
+    if rows:
+        return [_event(r, "recorded_contact_id") for r in rows], False
+    waiting = await conn.fetchval(
+        f"""SELECT EXISTS (SELECT 1 FROM identity.events e
+             WHERE {scope} (e.xid, e.seq) > ($1::text::xid8, $2::int8))""",
+        *args,
+    )
+    if not waiting:
+        return [], False
+    bound = await conn.fetchval(_WRITERS_BOUND)
+    rows = await conn.fetch(page.format(bound=f"${len(args) + 2}::text::xid8"), *args, limit, bound)
     if rows:
         return [_event(r, "recorded_contact_id") for r in rows], False
     return [], True

@@ -20,6 +20,7 @@ from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
 from services.common.context import current_workspace, is_internal, workspace_or_none
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
 from services.identity import repository
+from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
 from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
@@ -109,8 +110,9 @@ def _check_batch(events: Sequence[Event]) -> None:
 class IdentityServicer(IdentityServiceServicer):
     """Thin adapter: proto in, repository and domain calls, proto out."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: EventHub) -> None:
+    def __init__(self, pool: asyncpg.Pool, reads: HeldConnections, hub: EventHub) -> None:
         self._pool = pool
+        self._reads = reads
         self._hub = hub
 
     async def RecordEvents(
@@ -140,12 +142,15 @@ class IdentityServicer(IdentityServiceServicer):
         workspace = current_workspace()
         lookup = request.WhichOneof("lookup")
         if lookup == "contact_id":
-            row = await repository.contact_by_id(self._pool, workspace.id, _uuid(request.contact_id, "contact_id"))
+            contact_id = _uuid(request.contact_id, "contact_id")
+            async with self._reads.connection() as conn:
+                row = await repository.contact_by_id(conn, workspace.id, contact_id)
         elif lookup == "phone":
             phone = parse_phone(request.phone, workspace.default_region)
             if phone is None:
                 raise InvalidArgument.field("phone", "not a valid phone number")
-            row = await repository.contact_by_phone(self._pool, workspace.id, phone)
+            async with self._reads.connection() as conn:
+                row = await repository.contact_by_phone(conn, workspace.id, phone)
         else:
             raise InvalidArgument.field("lookup", "one of contact_id or phone is required")
         if row is None:
@@ -174,9 +179,8 @@ class IdentityServicer(IdentityServiceServicer):
                 after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1]))
             except (ValueError, IndexError, TypeError) as exc:
                 raise InvalidArgument.field("page_token", "not a page token of this query") from exc
-        rows = await repository.list_contacts(
-            self._pool, workspace.id, conds, order, request.descending, size + 1, after
-        )
+        async with self._reads.connection() as conn:
+            rows = await repository.list_contacts(conn, workspace.id, conds, order, request.descending, size + 1, after)
         token = ""
         if len(rows) > size:
             rows = rows[:size]
@@ -203,10 +207,10 @@ class IdentityServicer(IdentityServiceServicer):
                 before = (datetime.fromisoformat(position[0]), int(position[1]))
             except (ValueError, IndexError, TypeError) as exc:
                 raise InvalidArgument.field("page_token", "not a page token of this query") from exc
-        rows = await repository.contact_events(
-            self._pool, workspace.id, contact_id, names, start, end, size + 1, before
-        )
-        if not rows and not await repository.contact_exists(self._pool, workspace.id, contact_id):
+        async with self._reads.connection() as conn:
+            rows = await repository.contact_events(conn, workspace.id, contact_id, names, start, end, size + 1, before)
+            exists = bool(rows) or await repository.contact_exists(conn, workspace.id, contact_id)
+        if not exists:
             raise NotFound("no such contact in this workspace")
         token = ""
         if len(rows) > size:
@@ -224,7 +228,8 @@ class IdentityServicer(IdentityServiceServicer):
         else:
             raise InvalidArgument.field("lookup", "one of anonymous_id or user_id is required")
         limit = _page_size(request.event_limit, "event_limit")
-        found = await repository.user_by_identity(self._pool, workspace.id, kind, external, limit)
+        async with self._reads.connection() as conn:
+            found = await repository.user_by_identity(conn, workspace.id, kind, external, limit)
         if found is None:
             raise NotFound(f"no user with this {lookup} in this workspace")
         user, events = found
@@ -249,5 +254,5 @@ class IdentityServicer(IdentityServiceServicer):
             raise Unauthenticated("this call needs a workspace")
         size = _page_size(request.batch_size, "batch_size", DEFAULT_STREAM_BATCH, MAX_STREAM_BATCH)
         start = Cursor.decode(request.cursor)
-        async for rows, after in follow(self._pool, self._hub, workspace.id if workspace else None, start, size):
+        async for rows, after in follow(self._reads, self._hub, workspace.id if workspace else None, start, size):
             yield pb.SubscribeEventsResponse(events=[stored_event(r) for r in rows], cursor=after.encode())

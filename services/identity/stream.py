@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 
 from services.identity import repository
+from services.identity.connections import HeldConnections
 from services.identity.repository import NOTIFY_CHANNEL, EventRow
 from services.identity.tokens import Cursor
 
@@ -67,12 +68,13 @@ async def listen(dsn: str, hub: EventHub) -> None:
 
 
 async def follow(
-    pool: asyncpg.Pool, hub: EventHub, workspace_id: str | None, cursor: Cursor, batch_size: int
+    reads: HeldConnections, hub: EventHub, workspace_id: str | None, cursor: Cursor, batch_size: int
 ) -> AsyncIterator[tuple[list[EventRow], Cursor]]:
     """Pages of events after ``cursor`` for ever: the backlog first, then each commit as it lands."""
     while True:
         seen = hub.generation
-        rows, held_back = await repository.stream_page(pool, workspace_id, cursor, batch_size)
+        async with reads.connection() as conn:
+            rows, held_back = await repository.stream_page(conn, workspace_id, cursor, batch_size)
         if rows:
             cursor = Cursor(rows[-1].xid, rows[-1].seq)
             yield rows, cursor

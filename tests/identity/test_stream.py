@@ -114,7 +114,8 @@ async def test_an_event_committed_after_a_later_numbered_one_is_still_delivered(
                 )
                 # Numbering alone would deliver `quick` now and skip `held` for ever.
                 assert held_seq < quick_seq
-                rows, held_back = await repository.stream_page(pool, tenant.workspace.id, Cursor(), 100)
+                async with pool.acquire() as reader:
+                    rows, held_back = await repository.stream_page(reader, tenant.workspace.id, Cursor(), 100)
                 assert rows == [] and held_back
             except BaseException:
                 await tx.rollback()

@@ -1,0 +1,90 @@
+"""A few pool connections held for the life of the service, for the read RPCs' short queries.
+
+Releasing a connection to an asyncpg pool resets its session (one more round trip per call);
+the read paths keep no session state, so holding their connections saves that round trip on
+every lookup. A connection that saw an error or a cancellation goes back to the pool, which
+cleans or replaces it, and a fresh one takes its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class HeldConnections:
+    """``async with held.connection() as conn`` borrows one of ``size`` connections taken from ``pool``.
+
+    With ``size`` 0 it borrows from the pool each time instead.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self._pool = pool
+        self._size = max(0, size)
+        self._idle: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        for _ in range(self._size):
+            self._idle.put_nowait(await self._pool.acquire())
+
+    async def stop(self) -> None:
+        """Give every connection back to the pool (borrowed ones as they come back)."""
+        self._closing = True
+        while not self._idle.empty():
+            await self._pool.release(self._idle.get_nowait())
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._size == 0:  # too small a pool to hold any: plain pooled connections
+            async with self._pool.acquire() as pooled:
+                yield pooled
+            return
+        conn = await self._idle.get()
+        clean = False
+        try:
+            yield conn
+            clean = not conn.is_closed() and not conn.is_in_transaction()
+        finally:
+            if clean and not self._closing:
+                self._idle.put_nowait(conn)
+            else:
+                # Not awaited here: this may run inside a cancellation.
+                task = asyncio.get_running_loop().create_task(self._replace(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self._pool.release(conn)
+        except Exception as exc:
+            log.warning("held_connection_release_failed", error=repr(exc))
+        if self._closing:
+            return
+        try:
+            self._idle.put_nowait(await self._pool.acquire())
+        except Exception as exc:
+            log.error("held_connection_replace_failed", error=repr(exc))
+            # Keep the slot: try again when it is next needed.
+            task = asyncio.get_running_loop().create_task(self._retry())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _retry(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(1.0)
+            try:
+                self._idle.put_nowait(await self._pool.acquire())
+                return
+            except Exception as exc:
+                log.warning("held_connection_replace_failed", error=repr(exc))
