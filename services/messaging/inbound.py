@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import asyncpg
 import structlog
 
 from services.common.context import Workspace
@@ -11,6 +13,7 @@ from services.common.errors import InvalidArgument
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
+from services.messaging.coalesce import Coalescer
 from services.messaging.consent import change_consent
 from services.messaging.keywords import Intent, classify
 from services.messaging.outcomes import Outcome
@@ -18,12 +21,26 @@ from services.messaging.phones import to_e164, zone_of
 from services.messaging.repository import ConsentChange
 from services.messaging.segments import count_segments
 from services.messaging.sending import SendRequest, Target, send_in_transaction
-from services.messaging.status import from_twilio
+from services.messaging.status import advances, from_twilio
 
 log = structlog.get_logger(__name__)
 
 # The contact property naming the agent who owns the contact.
 OWNER_PROPERTY = "owner_agent_id"
+
+
+@dataclass(frozen=True)
+class StatusCallback:
+    workspace_id: str
+    sid: str
+    raw_status: str
+    error_code: str
+    token: str
+
+    @property
+    def keys(self) -> list[str]:
+        """Idempotency keys: Twilio's token for the delivery, and the (sid, status) pair itself."""
+        return [f"status:{self.sid}:{self.raw_status.lower()}"] + ([f"token:{self.token}"] if self.token else [])
 
 
 async def status_callback(app: Messaging, ws: Workspace, form: Mapping[str, str], token: str) -> str:
@@ -32,23 +49,58 @@ async def status_callback(app: Messaging, ws: Workspace, form: Mapping[str, str]
     raw = form.get("MessageStatus") or form.get("SmsStatus") or ""
     if not sid or not raw:
         raise InvalidArgument.field("MessageSid" if not sid else "MessageStatus", "required")
-    status = from_twilio(raw)
-    keys = [f"status:{sid}:{raw.lower()}"] + ([f"token:{token}"] if token else [])
+    result = await status_batcher(app).submit(StatusCallback(ws.id, sid, raw, form.get("ErrorCode", ""), token))
+    if result not in ("duplicate", "ignored", "stale", "early"):
+        app.wake_outbox()
+    return result
+
+
+async def apply_callbacks(app: Messaging, conn: asyncpg.Connection, cbs: Sequence[StatusCallback]) -> list[str]:
+    """A batch of status callbacks in one transaction: each applied once, each message only forward."""
     now = app.clock.now()
-    async with app.pool.acquire() as conn, conn.transaction():
-        if not await repo.claim_receipts(conn, ws.id, keys):
-            return "duplicate"
+    owner: dict[tuple[str, str], int] = {}
+    for n, cb in enumerate(cbs):
+        for key in cb.keys:
+            owner.setdefault((cb.workspace_id, key), n)
+    new = await repo.claim_receipts_many(conn, list(owner))
+    results = ["duplicate"] * len(cbs)
+    best: dict[tuple[str, str], tuple[str, StatusCallback]] = {}
+    for n, cb in enumerate(cbs):
+        if not all((cb.workspace_id, k) in new and owner[(cb.workspace_id, k)] == n for k in cb.keys):
+            continue
+        status = from_twilio(cb.raw_status)
         if status is None:
-            return "ignored"
-        await repo.lock_provider_ids(conn, [(ws.id, sid)])
-        row, known = await repo.apply_status(conn, ws.id, sid, status, form.get("ErrorCode", ""), now)
-        if row is None:
-            return "stale" if known else "early"
-        outcome = oc.message_outcome(row, status, now)
-        if outcome is not None:
-            await repo.add_outcomes(conn, [outcome])
-    app.wake_outbox()
-    return status
+            results[n] = "ignored"
+            continue
+        results[n] = "stale"
+        key = (cb.workspace_id, cb.sid)
+        # Several statuses of one message in a batch: only the furthest can move it.
+        if key not in best or advances(best[key][0], status):
+            best[key] = (status, cb)
+    if best:
+        await repo.lock_provider_ids(conn, list(best))
+        items = [(ws, sid, status, cb.error_code) for (ws, sid), (status, cb) in best.items()]
+        moved, known = await repo.apply_statuses(conn, items, now)
+        outcomes = [o for r in moved if (o := oc.message_outcome(r, r["status"], now)) is not None]
+        await repo.add_outcomes(conn, outcomes)
+        moved_keys = {(str(r["workspace_id"]), r["provider_message_id"]) for r in moved}
+        for n, cb in enumerate(cbs):
+            key = (cb.workspace_id, cb.sid)
+            if results[n] == "stale" and best[key][1] is cb:
+                results[n] = best[key][0] if key in moved_keys else ("stale" if key in known else "early")
+    return results
+
+
+def status_batcher(app: Messaging) -> Coalescer[StatusCallback, str]:
+    """This process's coalescer of status callbacks."""
+    found = app.extra.get("status_batcher")
+    if found is None:
+
+        async def handle(conn: asyncpg.Connection, items: Sequence[StatusCallback]) -> list[str]:
+            return await apply_callbacks(app, conn, items)
+
+        found = app.extra["status_batcher"] = Coalescer(app.pool, handle)
+    return found
 
 
 async def _route(app: Messaging, ws: Workspace, phone: str) -> tuple[str, str]:

@@ -400,6 +400,61 @@ async def claim_receipts(conn: asyncpg.Connection, workspace_id: str, keys: Sequ
     return len(inserted) == len(keys)
 
 
+async def claim_receipts_many(conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Record webhook idempotency keys; returns the (workspace, key) pairs that were new."""
+    rows = await conn.fetch(
+        """INSERT INTO messaging.webhook_receipts (workspace_id, key)
+           SELECT * FROM unnest($1::uuid[], $2::text[])
+           ON CONFLICT DO NOTHING RETURNING workspace_id, key""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(str(r["workspace_id"]), r["key"]) for r in rows}
+
+
+async def apply_statuses(
+    conn: asyncpg.Connection, items: Sequence[tuple[str, str, str, str]], now: datetime
+) -> tuple[list[asyncpg.Record], set[tuple[str, str]]]:
+    """Move messages forward by provider id, set-based; (moved rows, provider ids known at all).
+
+    Callers pass one status per provider id. Ids not known yet park their status in
+    ``early_statuses`` for the dispatcher to apply when it records them.
+    """
+    ws, sids, statuses, codes = ([i[n] for i in items] for n in range(4))
+    moved = await conn.fetch(
+        """UPDATE messaging.messages m SET status = r.status,
+             error_code = CASE WHEN r.error_code = '' THEN m.error_code ELSE r.error_code END, update_time = $5
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS r(ws, sid, status, error_code)
+           WHERE m.workspace_id = r.ws AND m.provider_message_id = r.sid
+             AND messaging.status_rank(r.status) > messaging.status_rank(m.status)
+           RETURNING m.*""",
+        ws,
+        sids,
+        statuses,
+        codes,
+        now,
+    )
+    known_rows = await conn.fetch(
+        """SELECT m.workspace_id, m.provider_message_id FROM messaging.messages m
+           JOIN unnest($1::uuid[], $2::text[]) AS r(ws, sid)
+             ON m.workspace_id = r.ws AND m.provider_message_id = r.sid""",
+        ws,
+        sids,
+    )
+    known = {(str(r["workspace_id"]), r["provider_message_id"]) for r in known_rows}
+    early = [i for i in items if (i[0], i[1]) not in known]
+    if early:
+        await conn.execute(
+            """INSERT INTO messaging.early_statuses (workspace_id, provider_message_id, status, error_code)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING""",
+            [e[0] for e in early],
+            [e[1] for e in early],
+            [e[2] for e in early],
+            [e[3] for e in early],
+        )
+    return list(moved), known
+
+
 async def apply_status(
     conn: asyncpg.Connection, workspace_id: str, sid: str, status: str, error_code: str, now: datetime
 ) -> tuple[asyncpg.Record | None, bool]:

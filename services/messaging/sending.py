@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from services.messaging import gate
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
+from services.messaging.coalesce import Coalescer
 from services.messaging.outcomes import Outcome
 from services.messaging.phones import check_zone, to_e164, zone_of
 from services.messaging.repository import NewMessage
@@ -118,7 +118,7 @@ async def send_sms(app: Messaging, ws: Workspace, req: SendRequest) -> asyncpg.R
     """Record one SMS through the gate; the queued/scheduled row, or the refusal as an error."""
     validate(req)
     target = await resolve_target(app, ws, req)
-    row = await batcher(app).submit(ws, req, target)
+    row = await batcher(app).submit(SendItem(ws, req, target))
     if row["status"] == "blocked":
         raise refusal(row["error_code"])
     if row["status"] == QUEUED:
@@ -217,53 +217,15 @@ async def gate_and_record(app: Messaging, conn: asyncpg.Connection, items: Seque
     return [by_request[(i.workspace.id, i.request.request_id)] for i in items]
 
 
-class SendBatcher:
-    """Coalesces concurrent SendSms calls of this process into one gate transaction (group commit).
-
-    While one batch's transaction runs, the next calls queue; the next batch takes them all
-    (up to ``max_batch``). One caller alone still gets its own transaction at once.
-    """
-
-    def __init__(self, app: Messaging, max_batch: int = 500, flushers: int = 2) -> None:
-        self.app = app
-        self.max_batch = max_batch
-        self.flushers = flushers
-        self._pending: list[tuple[SendItem, asyncio.Future[asyncpg.Record]]] = []
-        self._active = 0
-
-    async def submit(self, ws: Workspace, req: SendRequest, target: Target) -> asyncpg.Record:
-        fut: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
-        self._pending.append((SendItem(ws, req, target), fut))
-        if self._active < self.flushers:
-            self._active += 1
-            asyncio.get_running_loop().create_task(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                try:
-                    async with self.app.pool.acquire() as conn, conn.transaction():
-                        rows = await gate_and_record(self.app, conn, [item for item, _ in batch])
-                except BaseException as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, fut), row in zip(batch, rows, strict=True):
-                    if not fut.done():
-                        fut.set_result(row)
-        finally:
-            self._active -= 1
-
-
-def batcher(app: Messaging) -> SendBatcher:
+def batcher(app: Messaging) -> Coalescer[SendItem, asyncpg.Record]:
+    """This process's coalescer of SendSms calls (one gate transaction for all calls in flight)."""
     found = app.extra.get("send_batcher")
     if found is None:
-        found = app.extra["send_batcher"] = SendBatcher(app)
+
+        async def handle(conn: asyncpg.Connection, items: Sequence[SendItem]) -> list[asyncpg.Record]:
+            return await gate_and_record(app, conn, items)
+
+        found = app.extra["send_batcher"] = Coalescer(app.pool, handle)
     return found
 
 

@@ -1,0 +1,63 @@
+"""Group commit: concurrent callers' items handled in one transaction, so the database sees batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import asyncpg
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    """Queues items from concurrent callers; a flusher runs ``handle(conn, items)`` in one transaction.
+
+    While a batch's transaction runs, later items wait and form the next batch (up to
+    ``max_batch``). A caller alone still gets its own transaction at once. If a batch fails,
+    each of its callers gets the error.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        handle: Callable[[asyncpg.Connection, Sequence[T]], Awaitable[Sequence[R]]],
+        max_batch: int = 500,
+        flushers: int = 1,
+    ) -> None:
+        self._pool = pool
+        self._handle = handle
+        self.max_batch = max_batch
+        self.flushers = flushers
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._active = 0
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if self._active < self.flushers:
+            self._active += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            # Let callers that are already runnable join this batch.
+            await asyncio.sleep(0)
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                try:
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        results = await self._handle(conn, [item for item, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._active -= 1
