@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -48,12 +48,12 @@ def _lock_key(workspace_id: str, kind: str, value: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _us_to_dt(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1_000_000, tz=UTC) if us else datetime.now(UTC)
-
-
-def _dt_to_us(dt: datetime) -> int:
-    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+    # Exact integer arithmetic: a float of epoch seconds can be off by a microsecond.
+    return _EPOCH + timedelta(microseconds=us) if us else datetime.now(UTC)
 
 
 async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
@@ -600,7 +600,3 @@ async def stream_page(
     if rows:
         return [_event(r, "recorded_contact_id") for r in rows], False
     return [], True
-
-
-def event_time_us(dt: datetime) -> int:
-    return _dt_to_us(dt)
