@@ -24,6 +24,8 @@ class Tuning:
     """Knobs of the background loops (tests shorten the backoff; benches widen the batches)."""
 
     dispatch_batch: int = 500
+    # Dispatch loops per process: while one waits on the provider, another claims and sends.
+    dispatch_workers: int = 2
     dispatch_concurrency: int = 200
     poll_seconds: float = 0.5
     lease_seconds: float = 60.0

@@ -64,7 +64,8 @@ def build_module(tuning_factory: Callable[[], Tuning] = Tuning) -> ServiceModule
         dispatcher, outbox, stream = Dispatcher(app), OutboxDeliverer(app), IdentityStream(app)
         rt.state.update(dispatcher=dispatcher, outbox=outbox, identity_stream=stream)
         if app.tuning.background:
-            rt.spawn(dispatcher.run(), name="messaging-dispatcher")
+            for n in range(app.tuning.dispatch_workers):
+                rt.spawn(dispatcher.run(), name=f"messaging-dispatcher-{n}")
             rt.spawn(outbox.run(), name="messaging-outbox")
             if app.tuning.consume_identity_stream:
                 rt.spawn(stream.run(), name="messaging-identity-stream")

@@ -126,6 +126,26 @@ async def send_sms(app: Messaging, ws: Workspace, req: SendRequest) -> asyncpg.R
     return row
 
 
+async def send_many(app: Messaging, ws: Workspace, reqs: Sequence[SendRequest]) -> list[asyncpg.Record | ParleyError]:
+    """Several sends through one gate transaction; per item the row, or the error SendSms would raise."""
+    out: list[asyncpg.Record | ParleyError | None] = [None] * len(reqs)
+    items: list[tuple[int, SendItem]] = []
+    for n, req in enumerate(reqs):
+        try:
+            validate(req)
+            items.append((n, SendItem(ws, req, await resolve_target(app, ws, req))))
+        except ParleyError as exc:
+            out[n] = exc
+    if items:
+        async with app.pool.acquire() as conn, conn.transaction():
+            rows = await gate_and_record(app, conn, [item for _, item in items])
+        for (n, _), row in zip(items, rows, strict=True):
+            out[n] = refusal(row["error_code"]) if row["status"] == "blocked" else row
+        if any(not isinstance(r, ParleyError) and r["status"] == QUEUED for r in rows):
+            app.wake_dispatcher()
+    return [r for r in out if r is not None]
+
+
 @dataclass(frozen=True)
 class SendItem:
     workspace: Workspace

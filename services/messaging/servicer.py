@@ -12,13 +12,15 @@ from parley.messaging.v1 import messaging_service_pb2 as pb
 from parley.messaging.v1 import messaging_service_pb2_grpc as mgrpc
 
 from services.common.context import current_workspace
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, ParleyError
 from services.messaging import agents, convert, policy, sending
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.consent import set_consent
 from services.messaging.gate import Policy
 from services.messaging.phones import to_e164
+
+MAX_BATCH = 1000
 
 
 class MessagingServicer(mgrpc.MessagingServiceServicer):
@@ -27,21 +29,26 @@ class MessagingServicer(mgrpc.MessagingServiceServicer):
 
     async def SendSms(self, request: pb.SendSmsRequest, context: grpc.aio.ServicerContext) -> pb.SendSmsResponse:
         ws = current_workspace()
-        row = await sending.send_sms(
-            self.app,
-            ws,
-            sending.SendRequest(
-                request_id=request.request_id,
-                body=request.body,
-                phone=request.phone,
-                contact_id=request.contact_id,
-                transactional=request.transactional,
-                campaign_id=request.campaign_id,
-                time_zone=request.time_zone,
-                conversation_id=request.conversation_id,
-            ),
-        )
+        row = await sending.send_sms(self.app, ws, _send_request(request))
         return pb.SendSmsResponse(message=convert.message(row))
+
+    async def BatchSendSms(
+        self, request: pb.BatchSendSmsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchSendSmsResponse:
+        ws = current_workspace()
+        if not 1 <= len(request.requests) <= MAX_BATCH:
+            raise InvalidArgument.field("requests", f"must hold 1..{MAX_BATCH} sends")
+        outcomes = await sending.send_many(self.app, ws, [_send_request(r) for r in request.requests])
+        resp = pb.BatchSendSmsResponse()
+        for out in outcomes:
+            if isinstance(out, ParleyError):
+                err = pb.SendSmsError(code=out.code.name, message=out.message, reason=out.reason)
+                for v in getattr(out, "violations", []):
+                    err.violations.add(field=v.field, description=v.description)
+                resp.results.add(error=err)
+            else:
+                resp.results.add(message=convert.message(out))
+        return resp
 
     async def CreateCallTask(
         self, request: pb.CreateCallTaskRequest, context: grpc.aio.ServicerContext
@@ -262,6 +269,19 @@ class AgentServicer(agrpc.AgentServiceServicer):
             self.app, ws, request.conversation_id, request.agent_id, request.body, request.request_id
         )
         return apb.ReplyInConversationResponse(message=convert.message(row))
+
+
+def _send_request(r: pb.SendSmsRequest) -> sending.SendRequest:
+    return sending.SendRequest(
+        request_id=r.request_id,
+        body=r.body,
+        phone=r.phone,
+        contact_id=r.contact_id,
+        transactional=r.transactional,
+        campaign_id=r.campaign_id,
+        time_zone=r.time_zone,
+        conversation_id=r.conversation_id,
+    )
 
 
 def _check_uuid(value: str, field: str) -> None:

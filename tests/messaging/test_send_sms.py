@@ -215,3 +215,33 @@ async def test_message_and_list_lookups(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stack.messaging.ListMessages(pb.ListMessagesRequest(page_token="garbage!"), metadata=stack.md)
     assert [v.field for v in violations_of(err.value)] == ["page_token"]
+
+
+async def test_batch_send_answers_per_item(stack: Stack) -> None:
+    await stack.opt_in("+12125550140")
+    await stack.opt_in("+12125550141")
+    await stack.messaging.SetConsent(
+        pb.SetConsentRequest(consent=pb.Consent(phone="+12125550142", channel=pb.CHANNEL_SMS, subscribed=False)),
+        metadata=stack.md,
+    )
+    requests = [
+        pb.SendSmsRequest(request_id="bt-1", phone="+12125550140", body="one"),
+        pb.SendSmsRequest(request_id="bt-2", phone="bad", body="two"),
+        pb.SendSmsRequest(request_id="bt-3", phone="+12125550142", body="three"),
+        pb.SendSmsRequest(request_id="bt-1", phone="+12125550140", body="one"),  # repeated in the batch
+        pb.SendSmsRequest(request_id="bt-4", phone="+12125550141", body="four"),
+    ]
+    resp = await stack.messaging.BatchSendSms(pb.BatchSendSmsRequest(requests=requests), metadata=stack.md)
+    kinds = [r.WhichOneof("result") for r in resp.results]
+    assert kinds == ["message", "error", "error", "message", "message"]
+    assert resp.results[0].message.id == resp.results[3].message.id
+    assert resp.results[1].error.code == "INVALID_ARGUMENT"
+    assert [v.field for v in resp.results[1].error.violations] == ["phone"]
+    assert (resp.results[2].error.code, resp.results[2].error.reason) == ("FAILED_PRECONDITION", "OPTED_OUT")
+    again = await stack.messaging.BatchSendSms(pb.BatchSendSmsRequest(requests=requests[:1]), metadata=stack.md)
+    assert again.results[0].message.id == resp.results[0].message.id
+    await stack.drain()
+    assert len(stack.twilio.to("+12125550140")) == 1 and len(stack.twilio.to("+12125550141")) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.messaging.BatchSendSms(pb.BatchSendSmsRequest(), metadata=stack.md)
+    assert [v.field for v in violations_of(err.value)] == ["requests"]
