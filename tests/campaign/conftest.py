@@ -73,6 +73,7 @@ class Stack:
 
     identity: RunningServer
     messaging: RunningServer
+    ingest: RunningServer
     campaign: Campaigns
     clock: ManualClock
     id_stub: id_grpc.IdentityServiceStub
@@ -150,35 +151,42 @@ class Stack:
     async def close(self) -> None:
         for ch in self._channels:
             await ch.close()
-        for srv in (self.campaign.server, self.messaging, self.identity):
+        for srv in (self.campaign.server, self.ingest, self.messaging, self.identity):
             await srv.stop(0)
 
 
-def _peer_modules() -> tuple[Any, Any]:
+def _peer_modules() -> tuple[Any, Any, Any]:
     try:
         identity = importlib.import_module("services.identity.module")
+        ingest = importlib.import_module("services.ingest.module")
         messaging = importlib.import_module("services.messaging.module")
         app = importlib.import_module("services.messaging.app")
     except ImportError as exc:
         pytest.skip(f"peer service not available yet: {exc}")
     quiet = messaging.build_module(lambda: app.Tuning(consume_identity_stream=False, poll_seconds=0.05))
-    return identity.MODULE, quiet
+    return identity.MODULE, quiet, ingest.MODULE
 
 
 async def make_stack(db_url: str, make_workspace: Any, start_time: datetime) -> Stack:
-    identity_module, messaging_module = _peer_modules()
+    identity_module, messaging_module, ingest_module = _peer_modules()
     ws, key = await make_workspace(db_url)
     base = test_settings(db_url)
     ident = await start(identity_module, base, port=0)
     msg = await start(messaging_module, base.replace(identity_addr=f"127.0.0.1:{ident.port}"), port=0)
+    ingest = await start(ingest_module, base.replace(identity_addr=f"127.0.0.1:{ident.port}"), port=0)
     clock = ManualClock(start_time)
-    settings = base.replace(identity_addr=f"127.0.0.1:{ident.port}", messaging_addr=f"127.0.0.1:{msg.port}")
+    settings = base.replace(
+        identity_addr=f"127.0.0.1:{ident.port}",
+        messaging_addr=f"127.0.0.1:{msg.port}",
+        ingest_addr=f"127.0.0.1:{ingest.port}",
+    )
     camp = await start(make_module(clock=clock, run_timers=False), settings, port=0)
     chans = [channel(f"127.0.0.1:{p}") for p in (camp.port, ident.port, msg.port)]
     campaigns = Campaigns(camp, pb_grpc.CampaignServiceStub(chans[0]), key_metadata(key), ws.id)
     return Stack(
         ident,
         msg,
+        ingest,
         campaigns,
         clock,
         id_grpc.IdentityServiceStub(chans[1]),

@@ -143,7 +143,7 @@ async def test_a_refused_send_is_recorded_and_the_journey_goes_on(stack: Stack) 
 
 PROPERTY = {
     "trigger": {"property_change": {"key": "loan_stage", "conditions": [{"operator": "eq", "value": "approved"}]}},
-    "steps": [{"id": "sms", "send_sms": {"body": "Congrats {{contact.first_name|default:\"\"}}, you are approved"}}],
+    "steps": [{"id": "sms", "send_sms": {"body": 'Congrats {{contact.first_name|default:""}}, you are approved'}}],
 }
 AUDIENCE = {
     "trigger": {"audience_entry": {}},
@@ -166,3 +166,26 @@ async def test_property_change_and_audience_entry_triggers(stack: Stack) -> None
     await s.record(s.event("", user="u-mo", traits={"score": 720}))
     await s.engine.run_due()
     assert sorted(m.body for m in await s.messages(mo)) == ["Congrats Mo, you are approved", "You pre-qualify"]
+
+
+SET_PROPERTY = {
+    "trigger": {"event": {"name": "Webinar Attended"}},
+    "steps": [
+        {"id": "tag", "next": "check", "set_property": {"key": "webinar_attended", "value": True}},
+        {"id": "check", "next": "", "wait": {"duration": "1m"}},
+    ],
+}
+
+
+async def test_set_property_goes_through_ingest_to_identity(stack: Stack) -> None:
+    s = stack
+    from parley.identity.v1 import identity_service_pb2 as id_pb
+
+    await s.campaign.live("webinar", SET_PROPERTY)
+    nia = await s.contact("u-nia", "+12125550801")
+    await s.record(s.event("Webinar Attended", user="u-nia"))
+    await s.engine.run_due()
+    e = (await _enrollments(s, nia))[0]
+    assert e.history[0].outcome == "done", e.history[0].detail
+    got = await s.id_stub.GetContact(id_pb.GetContactRequest(contact_id=nia), metadata=s.imd())
+    assert got.contact.properties["webinar_attended"] is True

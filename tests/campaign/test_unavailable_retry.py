@@ -7,9 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+
 from services.campaign.clock import ManualClock
 from services.campaign.module import make_module
 from services.common.clients import channel, key_metadata
