@@ -115,15 +115,21 @@ async def send_states(
 ) -> dict[tuple[str, str], SendState]:
     """What the gate needs to know about each phone (consent, 24-hour count, conversation), in one statement."""
     unique = sorted(set(keys))
+    # One join for the whole batch (a correlated count per phone would rescan the table per phone
+    # whenever the planner thinks it small).
     rows = await conn.fetch(
-        """SELECT k.workspace_id, k.phone,
-             (SELECT subscribed FROM messaging.consents c
-               WHERE c.workspace_id = k.workspace_id AND c.phone = k.phone AND c.channel = 'sms') AS sms_subscribed,
-             (SELECT count(*) FROM messaging.messages m
-               WHERE m.workspace_id = k.workspace_id AND m.phone = k.phone AND m.direction = 'outbound'
-                 AND m.status NOT IN ('blocked', 'failed') AND m.create_time > $3) AS sent_24h,
-             cv.id AS conversation_id, cv.started_by_contact
-           FROM unnest($1::uuid[], $2::text[]) AS k(workspace_id, phone)
+        """WITH k AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS k(workspace_id, phone)),
+           sent AS (
+             SELECT m.workspace_id, m.phone, count(*) AS n FROM messaging.messages m
+             JOIN k ON m.workspace_id = k.workspace_id AND m.phone = k.phone
+             WHERE m.direction = 'outbound' AND m.status NOT IN ('blocked', 'failed') AND m.create_time > $3
+             GROUP BY m.workspace_id, m.phone)
+           SELECT k.workspace_id, k.phone, c.subscribed AS sms_subscribed, coalesce(sent.n, 0) AS sent_24h,
+                  cv.id AS conversation_id, cv.started_by_contact
+           FROM k
+           LEFT JOIN messaging.consents c
+             ON c.workspace_id = k.workspace_id AND c.phone = k.phone AND c.channel = 'sms'
+           LEFT JOIN sent ON sent.workspace_id = k.workspace_id AND sent.phone = k.phone
            LEFT JOIN messaging.conversations cv ON cv.workspace_id = k.workspace_id AND cv.phone = k.phone""",
         [k[0] for k in unique],
         [k[1] for k in unique],
