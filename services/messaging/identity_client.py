@@ -10,6 +10,7 @@ from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
 
 from services.common.clients import channel, internal_metadata
+from services.common.errors import Unavailable
 
 
 class IdentityClient:
@@ -36,15 +37,18 @@ class IdentityClient:
         except grpc.aio.AioRpcError as err:
             if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return None
-            raise
+            raise Unavailable(f"identity: {err.code().name}") from err
         return resp.contact
 
     async def recent_events(self, workspace_id: str, contact_id: str, limit: int) -> list[event_pb2.Event]:
-        resp = await self._stub().ListContactEvents(
-            ipb.ListContactEventsRequest(contact_id=contact_id, page_size=limit),
-            metadata=internal_metadata(self._token, workspace_id),
-            timeout=self._timeout,
-        )
+        try:
+            resp = await self._stub().ListContactEvents(
+                ipb.ListContactEventsRequest(contact_id=contact_id, page_size=limit),
+                metadata=internal_metadata(self._token, workspace_id),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(f"identity: {err.code().name}") from err
         return [e.event for e in resp.events]
 
     async def subscribe(self, cursor: str, batch_size: int = 500) -> AsyncIterator[ipb.SubscribeEventsResponse]:

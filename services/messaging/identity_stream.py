@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from parley.common.v1 import event_pb2
 from parley.identity.v1 import identity_service_pb2 as ipb
 
+from services.common.errors import ParleyError
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.consent import change_consent, consents_from_traits
@@ -43,7 +44,7 @@ class IdentityStream:
                 delay = 0.5
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError) as exc:
+            except (grpc.aio.AioRpcError, ParleyError, asyncpg.PostgresError, OSError) as exc:
                 log.info("identity_stream_retry", error=type(exc).__name__, retry_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
