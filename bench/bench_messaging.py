@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import pstats
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a helper process from the repository root."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -206,10 +222,9 @@ class Bench:
         standin_port = free_port()
         callbacks = ",".join(f"http://127.0.0.1:{p}" for p in http_ports)
         self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.messaging.twilio_standin", "--port", str(standin_port),
-                 "--callback-base", callbacks, "--public-base", PUBLIC_BASE],
-                cwd=ROOT,
+            spawn(
+                ["-m", "tests.messaging.twilio_standin", "--port", str(standin_port),
+                 "--callback-base", callbacks, "--public-base", PUBLIC_BASE]
             )
         )  # fmt: skip
         prof = Path(tempfile.gettempdir()) / f"bench_messaging_{os.getpid()}.prof"
@@ -234,7 +249,7 @@ class Bench:
                 PARLEY_DB_POOL_MAX="20",
             )
             wrap = ["-m", "cProfile", "-o", str(prof)] if args.profile and i == 0 else []
-            self.procs.append(subprocess.Popen([sys.executable, *wrap, "-m", "services.messaging"], cwd=ROOT, env=env))
+            self.procs.append(spawn([*wrap, "-m", "services.messaging"], env))
         pool = await create_pool(db, max_size=4)
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in grpc_ports]
         try:
@@ -280,13 +295,7 @@ class Bench:
             for ch in channels:
                 await ch.close()
             await pool.close()
-            for proc in reversed(self.procs):
-                proc.terminate()
-            for proc in self.procs:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(self.procs)
             await drop_database(db)
             if args.profile and prof.exists():
                 stats = pstats.Stats(str(prof), stream=sys.stderr)
@@ -328,7 +337,12 @@ class Bench:
         )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the cleanup below runs when the bench is stopped
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--contacts", type=int, default=1000)
     parser.add_argument("--per-contact", type=int, default=3)
