@@ -167,7 +167,7 @@ def _peer_modules() -> tuple[Any, Any, Any]:
     return identity.MODULE, quiet, ingest.MODULE
 
 
-async def make_stack(db_url: str, make_workspace: Any, start_time: datetime) -> Stack:
+async def make_stack(db_url: str, make_workspace: Any, start_time: datetime, *, consume: bool = True) -> Stack:
     identity_module, messaging_module, ingest_module = _peer_modules()
     ws, key = await make_workspace(db_url)
     base = test_settings(db_url)
@@ -180,7 +180,7 @@ async def make_stack(db_url: str, make_workspace: Any, start_time: datetime) -> 
         messaging_addr=f"127.0.0.1:{msg.port}",
         ingest_addr=f"127.0.0.1:{ingest.port}",
     )
-    camp = await start(make_module(clock=clock, run_timers=False), settings, port=0)
+    camp = await start(make_module(clock=clock, run_timers=False, consume=consume), settings, port=0)
     chans = [channel(f"127.0.0.1:{p}") for p in (camp.port, ident.port, msg.port)]
     campaigns = Campaigns(camp, pb_grpc.CampaignServiceStub(chans[0]), key_metadata(key), ws.id)
     return Stack(

@@ -26,9 +26,9 @@ FLOW = {
     "trigger": {"event": {"name": "Trial Started"}},
     "send_window": {"start": "00:00", "end": "23:59"},
     "steps": [
-        {"id": "first", "next": "pause", "send_sms": {"body": "Welcome to your trial"}},
+        {"id": "first", "next": "pause", "send_sms": {"body": "Welcome to your trial", "transactional": True}},
         {"id": "pause", "next": "second", "wait": {"duration": "1s"}},
-        {"id": "second", "next": "call", "send_sms": {"body": "Day one tips"}},
+        {"id": "second", "next": "call", "send_sms": {"body": "Day one tips", "transactional": True}},
         {"id": "call", "call_task": {"queue": "trials", "notes": "Check in"}},
     ],
 }
@@ -36,7 +36,8 @@ FLOW = {
 
 @pytest.fixture(scope="module")
 async def rstack(db_url: str, make_workspace: Any) -> AsyncIterator[Stack]:
-    s = await make_stack(db_url, make_workspace, datetime.now(UTC))
+    # The in-process campaign server only serves the API: the replicas consume and run timers.
+    s = await make_stack(db_url, make_workspace, datetime.now(UTC), consume=False)
     yield s
     await s.close()
 
@@ -64,11 +65,18 @@ async def test_kill_one_replica_mid_run(rstack: Stack, db_url: str) -> None:
     s = rstack
     await s.campaign.live("trial", FLOW)
     users = [f"trial-{i}" for i in range(CONTACTS)]
-    contacts = [await s.contact(u, f"+1212555{1000 + i:04d}") for i, u in enumerate(users)]
+    contacts = []
+    for i, u in enumerate(users):
+        phone = f"+1212555{1000 + i:04d}"
+        ids = await s.id_stub.RecordEvents(
+            id_pb.RecordEventsRequest(events=[s.event("", user=u, traits={"phone": phone}, phone=phone)]),
+            metadata=s.imd(),
+        )
+        contacts.append(ids.results[0].contact_id)
     pool = await asyncpg.connect(db_url)
     a, b = _replica(s, db_url), _replica(s, db_url)
     try:
-        # The in-process server enrolls (it holds the stream); every timer runs in the replicas.
+        # Whichever replica holds the stream enrolls; both run timers. The kill may hit either role.
         await s.id_stub.RecordEvents(
             id_pb.RecordEventsRequest(events=[s.event("Trial Started", user=u) for u in users]), metadata=s.imd()
         )
