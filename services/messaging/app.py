@@ -23,9 +23,9 @@ DEFAULT_HELP_TEXT = "Reply STOP to unsubscribe, START to resubscribe. Msg & data
 class Tuning:
     """Knobs of the background loops (tests shorten the backoff; benches widen the batches)."""
 
-    dispatch_batch: int = 500
+    dispatch_batch: int = 200
     # Dispatch loops per process: while one waits on the provider, another claims and sends.
-    dispatch_workers: int = 2
+    dispatch_workers: int = 4
     dispatch_concurrency: int = 200
     poll_seconds: float = 0.5
     lease_seconds: float = 60.0
