@@ -547,7 +547,8 @@ async def user_by_identity(
 
 
 # The oldest transaction that may still add events: the oldest running transaction that holds
-# the events table lock (writers take it before they get an xid), else the snapshot's xmax.
+# the events table's ROW EXCLUSIVE lock (writers take it before they get an xid; readers,
+# VACUUM and ANALYZE hold other modes), else the snapshot's xmax.
 # Taken in its own statement, before the rows are read under a later snapshot.
 _WRITERS_BOUND = """
 WITH s AS (SELECT pg_current_snapshot() AS snap),
@@ -555,7 +556,7 @@ writers AS (
     SELECT t.transactionid
       FROM pg_locks r
       JOIN pg_locks t ON t.virtualtransaction = r.virtualtransaction
-     WHERE r.locktype = 'relation' AND r.granted
+     WHERE r.locktype = 'relation' AND r.granted AND r.mode = 'RowExclusiveLock'
        AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())
        AND r.relation = 'identity.events'::regclass
        AND t.locktype = 'transactionid' AND t.granted AND t.mode = 'ExclusiveLock')
