@@ -9,6 +9,7 @@ import pytest
 from parley.messaging.v1 import messaging_service_pb2 as pb
 
 from services.common.errors import error_reason, violations_of
+from services.messaging.providers import TwilioProvider
 from tests.messaging.conftest import FROM_NUMBER, PUBLIC_BASE, Stack
 
 
@@ -245,3 +246,27 @@ async def test_batch_send_answers_per_item(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stack.messaging.BatchSendSms(pb.BatchSendSmsRequest(), metadata=stack.md)
     assert [v.field for v in violations_of(err.value)] == ["requests"]
+
+
+async def test_provider_timeout_is_retried(stack: Stack) -> None:
+    phone = "+12125550150"
+    await stack.opt_in(phone)
+    original = stack.app.provider
+    s = stack.app.settings
+    stack.app.provider = TwilioProvider(
+        s.twilio_account_sid or "",
+        s.twilio_auth_token or "",
+        s.twilio_from_number or "",
+        s.twilio_api_base_url,
+        timeout=0.3,
+    )
+    try:
+        stack.twilio.script.extend([0, 429])
+        msg = await stack.send(request_id="slow", phone=phone, body="eventually")
+        await stack.drain()
+    finally:
+        await stack.app.provider.close()
+        stack.app.provider = original
+    got = await stack.get(msg.id)
+    assert (got.status, got.attempts) == (pb.MESSAGE_STATUS_SENT, 3)
+    assert len(stack.twilio.to(phone)) == 1

@@ -27,7 +27,7 @@ class Received:
 
 @dataclass
 class TwilioStandIn:
-    """``script`` holds forced answers (HTTP status codes) for the next requests; empty = 201."""
+    """``script`` holds forced answers (HTTP status codes, 0 = hang) for the next requests; empty = 201."""
 
     account_sid: str = ACCOUNT_SID
     auth_token: str = AUTH_TOKEN
@@ -93,6 +93,9 @@ class TwilioStandIn:
         form = {k: str(v) for k, v in (await request.post()).items()}
         if self.script:
             forced = self.script.popleft()
+            if forced == 0:  # hang past the client's timeout, then fail without sending
+                await asyncio.sleep(2.0)
+                return self._error(503, 20503, "Service Unavailable")
             if forced == 429:
                 resp = self._error(429, 20429, "Too Many Requests")
                 resp.headers["Retry-After"] = "0"
