@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf import json_format
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.contact_pb2 import Contact
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
@@ -103,8 +103,32 @@ def _check_batch(events: Sequence[Event]) -> None:
             bad.append(Violation(f"events[{i}].message_id", "required"))
         if e.type not in EventType.values() or e.type == EventType.EVENT_TYPE_UNSPECIFIED:
             bad.append(Violation(f"events[{i}].type", "required"))
+        # Postgres text and jsonb cannot hold NUL; one would fail the whole batch in the database.
+        for name in _TEXT_FIELDS:
+            if "\x00" in getattr(e, name):
+                bad.append(Violation(f"events[{i}].{name}", "must not contain NUL characters"))
+        if e.HasField("traits") and _has_nul(e.traits):
+            bad.append(Violation(f"events[{i}].traits", "must not contain NUL characters"))
     if bad:
         raise InvalidArgument(bad)
+
+
+_TEXT_FIELDS = ("message_id", "anonymous_id", "user_id", "name", "previous_id", "group_id", "phone")
+
+
+def _has_nul(value: Struct | ListValue | Value) -> bool:
+    if isinstance(value, Struct):
+        return any("\x00" in k or _has_nul(v) for k, v in value.fields.items())
+    if isinstance(value, ListValue):
+        return any(_has_nul(v) for v in value.values)
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return "\x00" in value.string_value
+    if kind == "struct_value":
+        return _has_nul(value.struct_value)
+    if kind == "list_value":
+        return _has_nul(value.list_value)
+    return False
 
 
 class IdentityServicer(IdentityServiceServicer):

@@ -219,3 +219,51 @@ async def test_record_events_needs_internal_credentials_and_a_sane_batch(identit
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await identity.record(tenant, track(user_id="x"), no_id)
     assert [v.field for v in await field_violations(info.value)] == ["events[1].message_id"]
+
+
+async def test_a_batch_that_fails_in_the_database_stores_nothing(identity: Identity, tenant: Tenant) -> None:
+    import asyncpg
+
+    poison, user, phone = uid("poison"), uid(), "+14155550177"
+    conn = await asyncpg.connect(identity.db_url)
+    try:
+        # A real failure late in the transaction: after users and contacts are written, the events insert fails.
+        await conn.execute(
+            f"""CREATE FUNCTION identity.test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN IF NEW.message_id = '{poison}' THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$;
+                CREATE TRIGGER test_poison BEFORE INSERT ON identity.events
+                FOR EACH ROW EXECUTE FUNCTION identity.test_poison()"""
+        )
+        batch = [
+            identify({"phone": phone, "name": "x"}, user_id=user, phone=phone),
+            track(user_id=user, message_id=poison),
+        ]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await identity.record(tenant, *batch)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        await conn.execute(
+            "DROP TRIGGER IF EXISTS test_poison ON identity.events; DROP FUNCTION IF EXISTS identity.test_poison"
+        )
+        await conn.close()
+    for call, request in (
+        (identity.stub.GetContact, ipb.GetContactRequest(phone=phone)),
+        (identity.stub.GetUser, ipb.GetUserRequest(user_id=user)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(request, metadata=tenant.md)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # The same batch, retried once the fault is gone, is stored whole.
+    got = await identity.record(tenant, *batch)
+    assert [r.status for r in got.results] == [ACCEPTED, ACCEPTED]
+
+
+async def test_nul_characters_are_refused_before_the_database(identity: Identity, tenant: Tenant) -> None:
+    from services.common.errors import field_violations
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await identity.record(
+            tenant, track(user_id="a\x00b"), identify({"nested": {"k": ["ok", "n\x00"]}}, user_id="u")
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in await field_violations(info.value)] == ["events[0].user_id", "events[1].traits"]
