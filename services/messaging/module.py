@@ -11,7 +11,7 @@ from parley.messaging.v1 import agent_service_pb2_grpc as agrpc
 from parley.messaging.v1 import messaging_service_pb2_grpc as mgrpc
 
 from services.common.server import Runtime, ServiceModule
-from services.messaging import webhooks
+from services.messaging import janitor, webhooks
 from services.messaging.app import Messaging, Tuning
 from services.messaging.dispatcher import Dispatcher
 from services.messaging.identity_client import IdentityClient
@@ -67,6 +67,7 @@ def build_module(tuning_factory: Callable[[], Tuning] = Tuning) -> ServiceModule
             for n in range(app.tuning.dispatch_workers):
                 rt.spawn(dispatcher.run(), name=f"messaging-dispatcher-{n}")
             rt.spawn(outbox.run(), name="messaging-outbox")
+            rt.spawn(janitor.run(app), name="messaging-retention")
             if app.tuning.consume_identity_stream:
                 rt.spawn(stream.run(), name="messaging-identity-stream")
 

@@ -8,6 +8,7 @@ from parley.messaging.v1 import messaging_service_pb2 as pb
 from twilio.request_validator import RequestValidator
 
 from services.common.errors import error_reason
+from services.messaging.janitor import sweep
 from tests.messaging.conftest import PUBLIC_BASE, Stack
 from tests.messaging.twilio_standin import AUTH_TOKEN
 
@@ -186,3 +187,18 @@ async def test_stop_blocks_messages_already_queued(stack: Stack) -> None:
 async def test_inbound_without_sid_or_bad_from_is_400(stack: Stack) -> None:
     assert (await stack.webhook("inbound", {"From": "+12125550214", "Body": "hi"}))[0] == 400
     assert (await stack.inbound("not-a-phone", "hi", "SMbadfrom"))[0] == 400
+
+
+async def test_retention_sweep_keeps_recent_receipts(stack: Stack) -> None:
+    ws = stack.workspace.id
+    await stack.app.pool.execute(
+        """INSERT INTO messaging.webhook_receipts (workspace_id, key, receive_time)
+           VALUES ($1, 'old-one', now() - interval '30 days'), ($1, 'new-one', now())""",
+        ws,
+    )
+    assert await sweep(stack.app.pool) >= 1
+    keys = {
+        r["key"]
+        for r in await stack.app.pool.fetch("SELECT key FROM messaging.webhook_receipts WHERE workspace_id = $1", ws)
+    }
+    assert "new-one" in keys and "old-one" not in keys
