@@ -46,7 +46,8 @@ from services.common.embedded import embedded_server_url, with_database  # noqa:
 RATE = float(os.environ.get("BENCH_CAMPAIGN_RATE", "200"))
 SECONDS = float(os.environ.get("BENCH_CAMPAIGN_SECONDS", "60"))
 TIMERS = int(os.environ.get("BENCH_CAMPAIGN_TIMERS", "100000"))
-CONTACTS = 2000
+# One contact per event, so no trigger finds its contact still enrolled from an earlier one.
+CONTACTS = int(RATE * SECONDS)
 
 SEND_NOW = {
     "trigger": {"event": {"name": "Bench Triggered"}},
@@ -132,7 +133,7 @@ async def latency_phase(url: str, ingest: IngestServiceStub, md: tuple[tuple[str
     async def one(i: int) -> None:
         nonlocal errors
         mid = f"trig-{i}-{uuid.uuid4().hex[:6]}"
-        e = Event(type=EventType.EVENT_TYPE_TRACK, name="Bench Triggered", message_id=mid, user_id=f"b-{i % CONTACTS}")
+        e = Event(type=EventType.EVENT_TYPE_TRACK, name="Bench Triggered", message_id=mid, user_id=f"b-{i}")
         try:
             await ingest.Track(ipb.TrackRequest(event=stamp(e)), metadata=md, timeout=10)
             acks[mid] = time.time()

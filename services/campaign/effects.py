@@ -113,6 +113,80 @@ def _failure(err: grpc.aio.AioRpcError) -> Result:
     return Result("retry" if code in _RETRYABLE else "failed", detail=detail)
 
 
+class _SmsBatcher:
+    """Coalesces concurrent SendSms calls of one workspace into BatchSendSms calls.
+
+    The engine advances a batch of enrollments concurrently; their sends reach here within
+    a few milliseconds of each other and go to messaging as one request (one gate
+    transaction there instead of one per message). Each caller still gets its own result.
+    """
+
+    def __init__(self, stub: msg_grpc.MessagingServiceStub, md: Any, window: float = 0.002, max_batch: int = 500):
+        self._stub = stub
+        self._md = md
+        self._window = window
+        self._max = max_batch
+        self._pending: dict[str, list[tuple[msg_pb.SendSmsRequest, asyncio.Future[Result]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batch_supported = True
+
+    async def send(self, workspace_id: str, req: msg_pb.SendSmsRequest) -> Result:
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        queue = self._pending.setdefault(workspace_id, [])
+        queue.append((req, fut))
+        if len(queue) == 1:
+            task = asyncio.create_task(self._flush(workspace_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _flush(self, workspace_id: str) -> None:
+        await asyncio.sleep(self._window)
+        items = self._pending.pop(workspace_id, [])
+        for i in range(0, len(items), self._max):
+            chunk = items[i : i + self._max]
+            try:
+                results = await self._send_chunk(workspace_id, [r for r, _ in chunk])
+            except Exception as exc:  # every caller of the chunk learns of it
+                for _, fut in chunk:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(chunk, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _send_chunk(self, workspace_id: str, reqs: list[msg_pb.SendSmsRequest]) -> list[Result]:
+        md = self._md(workspace_id)
+        if self.batch_supported and len(reqs) > 1:
+            try:
+                resp = await self._stub.BatchSendSms(
+                    msg_pb.BatchSendSmsRequest(requests=reqs), metadata=md, timeout=_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return [_failure(err)] * len(reqs)
+                self.batch_supported = False
+            else:
+                return [_batch_result(r) for r in resp.results]
+        return list(await asyncio.gather(*(self._one(md, r) for r in reqs)))
+
+    async def _one(self, md: Any, req: msg_pb.SendSmsRequest) -> Result:
+        try:
+            resp = await self._stub.SendSms(req, metadata=md, timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            return _failure(err)
+        return Result("ok", id=resp.message.id, detail=msg_pb.MessageStatus.Name(resp.message.status))
+
+
+def _batch_result(r: Any) -> Result:
+    if r.HasField("message"):
+        return Result("ok", id=r.message.id, detail=msg_pb.MessageStatus.Name(r.message.status))
+    code = getattr(grpc.StatusCode, r.error.code, grpc.StatusCode.UNKNOWN)
+    detail = f"{r.error.code}: {r.error.message}"
+    return Result("retry" if code in _RETRYABLE else "failed", detail=detail)
+
+
 class GrpcEffects:
     """Production effects: identity for reads, messaging for sends, ingest for property writes."""
 
@@ -126,6 +200,7 @@ class GrpcEffects:
         self.identity = id_grpc.IdentityServiceStub(self._channels[0])
         self.messaging = msg_grpc.MessagingServiceStub(self._channels[1])
         self.ingest = in_grpc.IngestServiceStub(self._channels[2])
+        self._sms = _SmsBatcher(self.messaging, self.md)
 
     def md(self, workspace_id: str | None) -> tuple[tuple[str, str], ...]:
         return internal_metadata(self._token, workspace_id)
@@ -170,11 +245,7 @@ class GrpcEffects:
             campaign_id=campaign_id,
             time_zone=contact.time_zone,
         )
-        try:
-            resp = await self.messaging.SendSms(req, metadata=self.md(workspace_id), timeout=_TIMEOUT)
-        except grpc.aio.AioRpcError as err:
-            return _failure(err)
-        return Result("ok", id=resp.message.id, detail=msg_pb.MessageStatus.Name(resp.message.status))
+        return await self._sms.send(workspace_id, req)
 
     async def create_call_task(
         self,
