@@ -626,6 +626,11 @@ class Engine:
             except (grpc.aio.AioRpcError, repository.CursorMoved, OSError, asyncpg.PostgresError) as exc:
                 log.warning("event_stream_interrupted", error=repr(exc))
                 await asyncio.sleep(lock_retry)
+            except Exception:
+                # A batch that fails for another reason is retried from the stored cursor;
+                # the consumer must outlive it.
+                log.exception("event_batch_failed")
+                await asyncio.sleep(lock_retry)
 
     async def _consume_from_cursor(self, subscribe: Callable[[str], Any]) -> None:
         cursor = await repository.get_cursor(self.pool, CONSUMER)
