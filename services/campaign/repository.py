@@ -243,11 +243,17 @@ def _prefixed(alias: str) -> str:
 
 
 async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
-    """Lock up to ``limit`` due enrollments for this transaction; rows other replicas hold are skipped."""
+    """Lock up to ``limit`` due enrollments for this transaction; rows other replicas hold are skipped.
+
+    The ``paused`` flag keeps held rows out of the index scan; the campaign-state check also
+    holds a row enrolled while a pause was committing.
+    """
     return await conn.fetch(
-        f"""SELECT {_ENROLLMENT_COLS} FROM campaign.enrollments
-            WHERE state = 'active' AND NOT paused AND due_at <= $1
-            ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+        f"""SELECT {_prefixed("e")} FROM campaign.enrollments e
+            WHERE e.state = 'active' AND NOT e.paused AND e.due_at <= $1
+              AND EXISTS (SELECT 1 FROM campaign.campaigns c
+                          WHERE c.workspace_id = e.workspace_id AND c.id = e.campaign_id AND c.state = 'live')
+            ORDER BY e.due_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED""",
         now,
         limit,
     )
