@@ -94,7 +94,8 @@ async def fresh_database() -> str:
 
 
 async def drop_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?")[0]
+    # The database name is the URL's path; the query may hold a socket path with slashes.
+    name = url.split("://", 1)[1].split("?", 1)[0].split("/", 1)[1]
     conn = await asyncpg.connect(admin_url())
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
