@@ -14,9 +14,11 @@ import structlog
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
+from services.messaging.phones import zone_of
 from services.messaging.providers import ACCEPTED, FAILED, OutboundSms, SendResult
 from services.messaging.repository import DispatchResult
 from services.messaging.status import BLOCKED, QUEUED, SENT
+from services.messaging.window import next_send_time
 
 log = structlog.get_logger(__name__)
 
@@ -74,13 +76,28 @@ class Dispatcher:
                 else:
                     by_ws[str(row["workspace_id"])].append(row)
             later: list[tuple[str, str, datetime]] = []
-            for ws, group in by_ws.items():
-                rate = (await app.policy(ws)).rate_limit_per_second
-                granted = await repo.take_tokens(conn, ws, rate, len(group))
+            closed: list[tuple[str, str, datetime]] = []
+            for ws, group in list(by_ws.items()):
+                policy = await app.policy(ws)
+                # The window is checked again at hand-off: a retry or a rate-limited wait may have
+                # carried a message past its window's end. It waits for the next start.
+                open_now = []
+                for row in group:
+                    due = next_send_time(
+                        now, row["time_zone"] or zone_of(row["phone"]), policy.send_window_start, policy.send_window_end
+                    )
+                    if due is None:
+                        open_now.append(row)
+                    else:
+                        closed.append((ws, str(row["id"]), due))
+                group = by_ws[ws] = open_now
+                rate = policy.rate_limit_per_second
+                granted = await repo.take_tokens(conn, ws, rate, len(group)) if group else 0
                 sendable.extend(group[:granted])
                 for i, row in enumerate(group[granted:]):
                     later.append((ws, str(row["id"]), now + timedelta(seconds=(i + 1) / rate)))
             await repo.release(conn, later)
+            await repo.reschedule(conn, closed)
             if blocked:
                 moved = await repo.record_results(conn, blocked, now)
                 await repo.add_outcomes(conn, _outcomes(moved, now))

@@ -326,6 +326,20 @@ async def release(conn: asyncpg.Connection, rows: Sequence[tuple[str, str, datet
     )
 
 
+async def reschedule(conn: asyncpg.Connection, rows: Sequence[tuple[str, str, datetime]]) -> None:
+    """Put leased messages back as SCHEDULED for their next window start (the window closed meanwhile)."""
+    if not rows:
+        return
+    await conn.execute(
+        """UPDATE messaging.messages m SET lease_until = NULL, due_time = r.due_time, status = 'scheduled'
+           FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS r(workspace_id, id, due_time)
+           WHERE m.workspace_id = r.workspace_id AND m.id = r.id""",
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+    )
+
+
 async def record_results(
     conn: asyncpg.Connection, results: Sequence[DispatchResult], now: datetime
 ) -> list[asyncpg.Record]:

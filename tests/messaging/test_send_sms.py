@@ -270,3 +270,23 @@ async def test_provider_timeout_is_retried(stack: Stack) -> None:
     got = await stack.get(msg.id)
     assert (got.status, got.attempts) == (pb.MESSAGE_STATUS_SENT, 3)
     assert len(stack.twilio.to(phone)) == 1
+
+
+async def test_window_is_checked_again_at_hand_off(stack: Stack) -> None:
+    """A message queued inside the window but due after it closed (retries, rate limits) waits."""
+    phone = "+12125550151"
+    await stack.opt_in(phone)
+    msg = await stack.send(request_id="recheck", phone=phone, body="late")
+    assert msg.status == pb.MESSAGE_STATUS_QUEUED
+    stack.app.clock.set(datetime(2026, 6, 16, 2, 30, tzinfo=UTC))  # 22:30 in New York
+    try:
+        await stack.drain()
+        got = await stack.get(msg.id)
+        assert got.status == pb.MESSAGE_STATUS_SCHEDULED
+        assert got.scheduled_time.ToDatetime(tzinfo=UTC) == datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
+        assert stack.twilio.to(phone) == []
+        stack.app.clock.set(datetime(2026, 6, 16, 12, 0, 1, tzinfo=UTC))
+        await stack.drain()
+        assert (await stack.get(msg.id)).status == pb.MESSAGE_STATUS_SENT
+    finally:
+        stack.app.clock.set(datetime(2026, 6, 15, 16, 0, tzinfo=UTC))
