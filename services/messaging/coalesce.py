@@ -42,6 +42,17 @@ class Coalescer(Generic[T, R]):
             asyncio.get_running_loop().create_task(self._flush())
         return await fut
 
+    async def _alone(self, item: T, fut: asyncio.Future[R]) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                [result] = await self._handle(conn, [item])
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(result)
+
     async def _flush(self) -> None:
         try:
             # Let callers that are already runnable join this batch.
@@ -52,9 +63,13 @@ class Coalescer(Generic[T, R]):
                     async with self._pool.acquire() as conn, conn.transaction():
                         results = await self._handle(conn, [item for item, _ in batch])
                 except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    if len(batch) == 1:
+                        if not batch[0][1].done():
+                            batch[0][1].set_exception(exc)
+                    else:
+                        # One bad item must not fail its neighbours: each goes again alone.
+                        for one in batch:
+                            await self._alone(*one)
                     continue
                 for (_, fut), result in zip(batch, results, strict=True):
                     if not fut.done():

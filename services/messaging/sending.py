@@ -74,6 +74,9 @@ def validate(req: SendRequest) -> None:
         out.append(Violation("body", "required"))
     elif len(req.body) > MAX_BODY_CHARS:
         out.append(Violation("body", f"longer than {MAX_BODY_CHARS} characters"))
+    for name in ("request_id", "body", "phone", "contact_id", "campaign_id", "time_zone", "conversation_id"):
+        if "\x00" in getattr(req, name):
+            out.append(Violation(name, "must not contain NUL characters"))
     if not (req.phone or req.contact_id or req.conversation_id):
         out.append(Violation("phone", "one of phone, contact_id or conversation_id is required"))
     if out:

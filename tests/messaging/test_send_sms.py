@@ -96,6 +96,7 @@ async def test_segments_and_encoding_are_stored(stack: Stack) -> None:
         ({"request_id": "b6", "body": "x"}, "phone"),
         ({"request_id": "b7", "phone": "+12125550100", "body": "x", "time_zone": "Mars/Olympus"}, "time_zone"),
         ({"request_id": "b8", "phone": "+12125550100", "body": "x", "conversation_id": "nope"}, "conversation_id"),
+        ({"request_id": "b9", "phone": "+12125550100", "body": "nul\x00byte"}, "body"),
     ],
 )
 async def test_bad_input_is_invalid_argument(stack: Stack, fields: dict[str, str], field: str) -> None:

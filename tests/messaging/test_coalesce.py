@@ -1,0 +1,45 @@
+"""Group commit: concurrent items share a transaction; a failing item does not fail its neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+
+from services.common.db import create_pool
+from services.messaging.coalesce import Coalescer
+
+
+async def test_batches_and_isolates_failures(db_url: str) -> None:
+    pool = await create_pool(db_url, max_size=2)
+    batches: list[list[int]] = []
+
+    async def handle(conn: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [int(await conn.fetchval("SELECT $1::int * 2", i)) for i in items]
+
+    try:
+        co: Coalescer[int, int] = Coalescer(pool, handle)
+        results = await asyncio.gather(*(co.submit(i) for i in range(20)), return_exceptions=True)
+    finally:
+        await pool.close()
+    assert [r for i, r in enumerate(results) if i != 13] == [i * 2 for i in range(20) if i != 13]
+    assert isinstance(results[13], ValueError)
+    assert any(len(b) > 1 for b in batches)  # concurrent callers shared a transaction
+
+
+@pytest.mark.parametrize("n", [1])
+async def test_a_lone_caller_gets_its_own_transaction(db_url: str, n: int) -> None:
+    pool = await create_pool(db_url, max_size=1)
+
+    async def handle(conn: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    try:
+        assert await Coalescer(pool, handle).submit(n) == n
+    finally:
+        await pool.close()
