@@ -22,6 +22,8 @@ from services.messaging.repository import ConsentChange
 log = structlog.get_logger(__name__)
 
 CURSOR_NAME = "identity-events"
+LOCK_KEY = "messaging-identity-stream"
+STANDBY_SECONDS = 5.0
 
 
 def _event_time(event: event_pb2.Event) -> datetime:
@@ -36,7 +38,22 @@ class IdentityStream:
         self.app = app
 
     async def run(self) -> None:
-        """Follow the stream forever; reconnects from the saved cursor after any failure."""
+        """One replica at a time follows the stream (a session advisory lock elects it); the others
+        stand by and take over within seconds when its connection goes away."""
+        while True:
+            try:
+                async with self.app.pool.acquire() as conn:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", LOCK_KEY):
+                        try:
+                            await self.follow_forever()
+                        finally:
+                            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", LOCK_KEY)
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.info("identity_stream_lock_retry", error=type(exc).__name__)
+            await asyncio.sleep(STANDBY_SECONDS)
+
+    async def follow_forever(self) -> None:
+        """Follow the stream; reconnects from the saved cursor after any failure."""
         delay = 0.5
         while True:
             try:
