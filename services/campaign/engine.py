@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time as _time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -735,4 +734,4 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], limit: float = 10
         await asyncio.sleep(0.02)
 
 
-__all__ = ["Engine", "cohort_for", "json"]
+__all__ = ["Engine", "cohort_for", "wait_until"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from parley.campaign.v1 import campaign_service_pb2 as pb
 from parley.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
 
@@ -270,14 +270,10 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
             raise InvalidArgument.field("definition", "campaign_id or definition is required")
         if not request.contact_id and not request.phone:
             raise InvalidArgument.field("contact_id", "contact_id or phone is required")
-        result = await preview.run(self.engine, ws.id, definition, request)
-        return result
+        return await preview.run(self.engine, ws.id, definition, request)
 
 
 def _required(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument.field(field, "required")
     return value
-
-
-__all__ = ["CampaignServicer", "json_format"]
