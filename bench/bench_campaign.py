@@ -8,7 +8,7 @@ Runs ingest, identity, messaging and campaign as their own processes on a fresh 
 2. timers: 100,000 enrollments made due at once, drained by one campaign replica, then by two.
 
 Prints a markdown section on stdout; progress goes to stderr. BENCH_CAMPAIGN_RATE, _SECONDS and
-_TIMERS override the defaults (200 events/s, 60 s, 100,000).
+_TIMERS override the defaults (200 events/s, 60 s, 100,000); a 20 s run at half the rate comes first.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from services.common.embedded import embedded_server_url, with_database  # noqa:
 RATE = float(os.environ.get("BENCH_CAMPAIGN_RATE", "200"))
 SECONDS = float(os.environ.get("BENCH_CAMPAIGN_SECONDS", "60"))
 TIMERS = int(os.environ.get("BENCH_CAMPAIGN_TIMERS", "100000"))
-# One contact per event, so no trigger finds its contact still enrolled from an earlier one.
-CONTACTS = int(RATE * SECONDS)
+# A shorter run at half the rate shows the latency the pipeline has with headroom.
+HALF_SECONDS = float(os.environ.get("BENCH_CAMPAIGN_HALF_SECONDS", "20"))
 
 SEND_NOW = {
     "trigger": {"event": {"name": "Bench Triggered"}},
@@ -115,36 +115,45 @@ def stamp(e: Event) -> Event:
     return e
 
 
-async def latency_phase(url: str, ingest: IngestServiceStub, md: tuple[tuple[str, str], ...]) -> dict[str, float]:
-    log(f"creating {CONTACTS} contacts")
-    for start in range(0, CONTACTS, 500):
+async def latency_phase(
+    url: str,
+    ingest: IngestServiceStub,
+    md: tuple[tuple[str, str], ...],
+    rate: float,
+    seconds: float,
+    tag: str,
+    first_phone: int,
+) -> dict[str, float]:
+    # One contact per event, so no trigger finds its contact still enrolled from an earlier one.
+    total = int(rate * seconds)
+    log(f"creating {total} contacts")
+    for start in range(0, total, 500):
         events = []
-        for i in range(start, min(start + 500, CONTACTS)):
-            e = Event(type=EventType.EVENT_TYPE_IDENTIFY, message_id=f"id-{i}", user_id=f"b-{i}")
-            e.traits.update({"phone": f"+1212{2_000_000 + i}", "first_name": f"n{i}"})
+        for i in range(start, min(start + 500, total)):
+            e = Event(type=EventType.EVENT_TYPE_IDENTIFY, message_id=f"id-{tag}-{i}", user_id=f"b-{tag}-{i}")
+            e.traits.update({"phone": f"+1212{first_phone + i}", "first_name": f"n{i}"})
             events.append(stamp(e))
         await ingest.IngestBatch(ipb.IngestBatchRequest(events=events), metadata=md)
     # Let the campaign consumer catch up with the identify events before timing anything.
     await asyncio.sleep(2.0)
-    total = int(RATE * SECONDS)
     acks: dict[str, float] = {}
     errors = 0
 
     async def one(i: int) -> None:
         nonlocal errors
-        mid = f"trig-{i}-{uuid.uuid4().hex[:6]}"
-        e = Event(type=EventType.EVENT_TYPE_TRACK, name="Bench Triggered", message_id=mid, user_id=f"b-{i}")
+        mid = f"trig-{tag}-{i}-{uuid.uuid4().hex[:6]}"
+        e = Event(type=EventType.EVENT_TYPE_TRACK, name="Bench Triggered", message_id=mid, user_id=f"b-{tag}-{i}")
         try:
             await ingest.Track(ipb.TrackRequest(event=stamp(e)), metadata=md, timeout=10)
             acks[mid] = time.time()
         except grpc.aio.AioRpcError:
             errors += 1
 
-    log(f"sending {total} events at {RATE:.0f}/s")
+    log(f"sending {total} events at {rate:.0f}/s")
     tasks = []
     started = time.perf_counter()
     for i in range(total):
-        delay = started + i / RATE - time.perf_counter()
+        delay = started + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
@@ -157,7 +166,8 @@ async def latency_phase(url: str, ingest: IngestServiceStub, md: tuple[tuple[str
             rows = await conn.fetch(
                 """SELECT e.trigger_event->>'message_id' AS mid, extract(epoch FROM m.create_time) AS at
                    FROM campaign.enrollments e JOIN messaging.messages m ON m.request_id = e.id::text || ':sms:1'
-                   WHERE e.trigger_event->>'message_id' LIKE 'trig-%'"""
+                   WHERE e.trigger_event->>'message_id' LIKE $1""",
+                f"trig-{tag}-%",
             )
             if len(rows) >= len(acks):
                 break
@@ -167,6 +177,7 @@ async def latency_phase(url: str, ingest: IngestServiceStub, md: tuple[tuple[str
         await conn.close()
     return {
         "events": total,
+        "seconds": seconds,
         "acked": len(acks),
         "errors": errors,
         "sent": len(latencies),
@@ -289,7 +300,9 @@ async def main() -> None:
         camp_ch = grpc.aio.insecure_channel(f"127.0.0.1:{ports['campaign']}")
         campaigns = CampaignServiceStub(camp_ch)
         await live(campaigns, md, "send-now", SEND_NOW)
-        lat = await latency_phase(url, IngestServiceStub(ingest_ch), md)
+        half = await latency_phase(url, IngestServiceStub(ingest_ch), md, RATE / 2, HALF_SECONDS, "half", 2_000_000)
+        log(f"latency at half rate: {json.dumps(half)}")
+        lat = await latency_phase(url, IngestServiceStub(ingest_ch), md, RATE, SECONDS, "full", 3_000_000)
         log(f"latency: {json.dumps(lat)}")
 
         timer_campaign = await live(campaigns, md, "timers", TIMER_FLOW)
@@ -316,20 +329,24 @@ async def main() -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await conn.close()
 
-    ok_lat = lat["p50"] <= 50 and lat["p99"] <= 250
     print("## Campaign\n")
     print(
-        f"Trigger-to-send: a live send-immediately campaign; {lat['events']:.0f} track events through ingest at "
-        f"{lat['rate']:.0f}/s for {SECONDS:.0f}s ({lat['acked']:.0f} acked, {lat['errors']:.0f} errors). Latency "
-        "is from ingest's ack to messaging storing the SMS (ingest → identity → event stream → enrollment → "
-        "timer claim → GetContact → SendSms).\n"
+        "Trigger-to-send: a live send-immediately campaign; track events through ingest at a fixed rate, one "
+        "contact per event. Latency is from ingest's ack to messaging storing the SMS (ingest → identity → "
+        "event stream → enrollment → timer claim → GetContact → SendSms). All four services, Postgres and the "
+        "load generator share this machine's cores.\n"
     )
-    print("| metric | value | target |\n|---|---|---|")
-    print(f"| sends received | {lat['sent']:.0f} / {lat['acked']:.0f} | all |")
-    print(f"| p50 | {lat['p50']:.1f} ms | ≤ 50 ms |")
-    print(f"| p99 | {lat['p99']:.1f} ms | ≤ 250 ms |")
-    print(f"| max | {lat['max']:.1f} ms | |")
-    print(f"| within target | {'yes' if ok_lat else 'no'} | |\n")
+    print(
+        "| rate | events | sent | p50 | p99 | max | target p50 ≤ 50 ms, p99 ≤ 250 ms |\n|---|---|---|---|---|---|---|"
+    )
+    for r in (half, lat):
+        ok = r["p50"] <= 50 and r["p99"] <= 250
+        print(
+            f"| {r['rate']:.0f}/s for {r['seconds']:.0f}s | {r['events']:.0f} ({r['errors']:.0f} errors) | "
+            f"{r['sent']:.0f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {r['max']:.1f} ms | "
+            f"{'met' if ok else 'not met'} |"
+        )
+    print()
     print(
         f"Timer drain: {TIMERS:,} enrollments waiting at a `wait` step, made due in one statement; each "
         "firing ends the wait and enters the next `wait` (two step visits, one transaction per batch of 200, "
