@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -173,7 +174,7 @@ async def _serve(port: int, callback_base: str | None, public_base: str) -> None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"standin listening on {port}", flush=True)
+    print(f"standin listening on {port}", file=sys.stderr, flush=True)
     await asyncio.Event().wait()
 
 
