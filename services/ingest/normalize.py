@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 
-import phonenumbers
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.errors import Violation
+from services.common.phones import to_e164
 
 NANOS = 1_000_000_000
 # Oldest event time accepted: 2000-01-01T00:00:00Z. Older stamps come from unset device clocks.
@@ -48,18 +47,6 @@ class Limits:
     max_depth: int = 8
     max_name_chars: int = 200
     max_id_chars: int = 255
-
-
-@lru_cache(maxsize=200_000)
-def normalize_phone(raw: str, region: str) -> str | None:
-    """E.164 form of ``raw`` (any format, ``tel:`` URIs too), read in ``region``; None when invalid."""
-    try:
-        number = phonenumbers.parse(raw, region)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(number):
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def too_deep(root: Struct, max_depth: int) -> bool:
@@ -194,7 +181,7 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
         if not text:
             continue
         phone_given = True
-        e164 = normalize_phone(text, region)
+        e164 = to_e164(text, region)
         if e164 is None:
             out.append(Violation(field, "not a valid phone number"))
         elif not phone:

@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 import asyncpg
 import structlog
 
+from services.common.phones import time_zone_of
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
-from services.messaging.phones import zone_of
 from services.messaging.providers import ACCEPTED, FAILED, OutboundSms, SendResult
 from services.messaging.repository import DispatchResult
 from services.messaging.status import BLOCKED, QUEUED, SENT
@@ -84,7 +84,10 @@ class Dispatcher:
                 open_now = []
                 for row in group:
                     due = next_send_time(
-                        now, row["time_zone"] or zone_of(row["phone"]), policy.send_window_start, policy.send_window_end
+                        now,
+                        row["time_zone"] or time_zone_of(row["phone"], "UTC"),
+                        policy.send_window_start,
+                        policy.send_window_end,
                     )
                     if due is None:
                         open_now.append(row)

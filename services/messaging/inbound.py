@@ -10,6 +10,7 @@ import structlog
 
 from services.common.context import Workspace
 from services.common.errors import InvalidArgument
+from services.common.phones import require_e164, time_zone_of
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
@@ -17,7 +18,6 @@ from services.messaging.coalesce import Coalescer
 from services.messaging.consent import change_consent
 from services.messaging.keywords import Intent, classify
 from services.messaging.outcomes import Outcome
-from services.messaging.phones import to_e164, zone_of
 from services.messaging.repository import ConsentChange
 from services.messaging.segments import count_segments
 from services.messaging.sending import SendRequest, Target, send_in_transaction
@@ -126,7 +126,7 @@ async def receive_sms(app: Messaging, ws: Workspace, form: Mapping[str, str], to
     sid = form.get("MessageSid") or form.get("SmsSid") or ""
     if not sid:
         raise InvalidArgument.field("MessageSid", "required")
-    phone = to_e164(form.get("From", ""), ws.default_region, "From")
+    phone = require_e164(form.get("From", ""), ws.default_region, "From")
     body = form.get("Body", "")
     intent = classify(body)
     contact_id, owner = await _route(app, ws, phone)
@@ -180,7 +180,7 @@ async def receive_sms(app: Messaging, ws: Workspace, form: Mapping[str, str], to
                 SendRequest(
                     f"help:{sid}", policy.help_text, transactional=True, conversation_id=conv_id, is_reply=True
                 ),
-                Target(phone, contact_id, zone_of(phone), conv_id),
+                Target(phone, contact_id, time_zone_of(phone, "UTC"), conv_id),
             )
         await repo.add_outcomes(conn, [_with_contact(o, contact_id) for o in outcomes])
     if help_row is not None and help_row["status"] == "queued":

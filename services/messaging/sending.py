@@ -18,13 +18,13 @@ from services.common.errors import (
     ResourceExhausted,
     Violation,
 )
+from services.common.phones import check_zone, require_e164, time_zone_of
 from services.messaging import gate
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.coalesce import Coalescer
 from services.messaging.outcomes import Outcome
-from services.messaging.phones import check_zone, to_e164, zone_of
 from services.messaging.repository import NewMessage
 from services.messaging.segments import MAX_BODY_CHARS, count_segments
 from services.messaging.status import QUEUED, SCHEDULED
@@ -85,7 +85,7 @@ def validate(req: SendRequest) -> None:
 
 async def resolve_target(app: Messaging, ws: Workspace, req: SendRequest) -> Target:
     """Phone, contact and zone of the send: from the request, the conversation, or identity."""
-    phone = to_e164(req.phone, ws.default_region) if req.phone else ""
+    phone = require_e164(req.phone, ws.default_region) if req.phone else ""
     zone = check_zone(req.time_zone) if req.time_zone else ""
     contact_id = req.contact_id
     conversation_id = ""
@@ -104,7 +104,7 @@ async def resolve_target(app: Messaging, ws: Workspace, req: SendRequest) -> Tar
             raise FailedPrecondition(f"contact {contact_id!r} has no phone")
         phone = contact.phone
         zone = zone or contact.time_zone
-    return Target(phone, contact_id, zone or zone_of(phone), conversation_id)
+    return Target(phone, contact_id, zone or time_zone_of(phone, "UTC"), conversation_id)
 
 
 async def _conversation(app: Messaging, workspace_id: str, conversation_id: str) -> asyncpg.Record:

@@ -13,12 +13,12 @@ from parley.messaging.v1 import messaging_service_pb2_grpc as mgrpc
 
 from services.common.context import current_workspace
 from services.common.errors import InvalidArgument, NotFound, ParleyError
+from services.common.phones import require_e164
 from services.messaging import agents, convert, policy, sending
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.consent import set_consent
 from services.messaging.gate import Policy
-from services.messaging.phones import to_e164
 
 MAX_BATCH = 1000
 
@@ -86,7 +86,7 @@ class MessagingServicer(mgrpc.MessagingServiceServicer):
         size = convert.page_size(request.page_size)
         if request.conversation_id:
             _check_uuid(request.conversation_id, "conversation_id")
-        phone = to_e164(request.phone, ws.default_region) if request.phone else ""
+        phone = require_e164(request.phone, ws.default_region) if request.phone else ""
         after = convert.decode_token(request.page_token, "ts")
         rows = await repo.list_messages(
             self.app.pool,
@@ -145,7 +145,7 @@ class MessagingServicer(mgrpc.MessagingServiceServicer):
     ) -> pb.SetConsentResponse:
         ws = current_workspace()
         c = request.consent
-        phone = to_e164(c.phone, ws.default_region, "consent.phone")
+        phone = require_e164(c.phone, ws.default_region, "consent.phone")
         channel = convert.CHANNEL_FROM_PROTO.get(c.channel)
         if channel is None:
             raise InvalidArgument.field("consent.channel", "CHANNEL_SMS or CHANNEL_VOICE")
@@ -164,7 +164,7 @@ class MessagingServicer(mgrpc.MessagingServiceServicer):
         self, request: pb.GetConsentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConsentResponse:
         ws = current_workspace()
-        phone = to_e164(request.phone, ws.default_region)
+        phone = require_e164(request.phone, ws.default_region)
         rows = await repo.get_consents(self.app.pool, ws.id, phone)
         return pb.GetConsentResponse(consents=[convert.consent(r) for r in rows])
 

@@ -10,7 +10,8 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventType
 
-from services.ingest.normalize import Limits, normalize_event, normalize_phone, too_deep
+from services.common.phones import to_e164 as normalize_phone
+from services.ingest.normalize import Limits, normalize_event, too_deep
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 

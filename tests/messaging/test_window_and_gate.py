@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from services.common.phones import time_zone_of
 from services.messaging import gate
 from services.messaging.consent import consents_from_traits
-from services.messaging.phones import zone_of
 from services.messaging.window import next_send_time
 
 NY = "America/New_York"
@@ -37,9 +37,9 @@ def test_window_across_midnight_and_always_open() -> None:
 
 
 def test_zone_of_phone() -> None:
-    assert zone_of("+12125550100") == NY
-    assert zone_of("+14155552671") == "America/Los_Angeles"
-    assert zone_of("+447911123456").startswith("Europe/")
+    assert time_zone_of("+12125550100", "UTC") == NY
+    assert time_zone_of("+14155552671", "UTC") == "America/Los_Angeles"
+    assert time_zone_of("+447911123456", "UTC").startswith("Europe/")
 
 
 POLICY = gate.Policy(True, "help", "08:00", "21:00", 10.0, 3)
