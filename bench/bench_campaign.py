@@ -241,7 +241,7 @@ async def main() -> None:
     url = with_database(admin, db)
     token = secrets.token_urlsafe(24)
     ports = {name: free_port() for name in ("ingest", "identity", "messaging", "campaign", "campaign2")}
-    common = {"PARLEY_DATABASE_URL": url, "PARLEY_INTERNAL_TOKEN": token, "PARLEY_DB_POOL_MAX": "20"}
+    common = {"PARLEY_DATABASE_URL": url, "PARLEY_INTERNAL_TOKEN": token, "PARLEY_DB_POOL_MAX": "12"}
     addrs = {
         "PARLEY_INGEST_ADDR": f"127.0.0.1:{ports['ingest']}",
         "PARLEY_IDENTITY_ADDR": f"127.0.0.1:{ports['identity']}",

@@ -18,13 +18,7 @@ from services.common.server import Runtime, ServiceModule
 
 # How often each replica polls for due timers when nothing wakes it (NOTIFY does, sooner).
 POLL_SECONDS = 0.25
-# Timer workers per replica. Each holds a connection while its batch's sends are in flight
-# (hundreds of ms under load), so with few workers a just-enrolled step queues behind
-# unrelated sends; one worker per spare pool connection keeps one free to claim it at once.
 TIMER_WORKERS = 4
-MAX_TIMER_WORKERS = 16
-# Connections the other loops hold: the NOTIFY listener, the consumer's lock and its batch.
-RESERVED_CONNECTIONS = 4
 
 
 def make_module(
@@ -59,8 +53,7 @@ def make_module(
                 await rt.pool.release(listener)
 
             rt.on_stop(_release)
-            workers = min(MAX_TIMER_WORKERS, max(TIMER_WORKERS, rt.settings.db_pool_max - RESERVED_CONNECTIONS))
-            rt.spawn(engine.timer_loop(workers, POLL_SECONDS), name="campaign-timers")
+            rt.spawn(engine.timer_loop(TIMER_WORKERS, POLL_SECONDS), name="campaign-timers")
         if consume and isinstance(fx, GrpcEffects):
             identity = fx.identity
             md = fx.md(None)
