@@ -229,6 +229,7 @@ class Meter:
     used: dict[str, float] = field(default_factory=dict)
     machine: tuple[float, float] = (0.0, 0.0)
     machine_used: float = 0.0
+    commits: int = 0
 
     def _sample(self) -> dict[str, float]:
         out = {role: get() for role, get in self.cpu.items()}
@@ -245,6 +246,16 @@ class Meter:
         self.used = {k: after[k] - self.before.get(k, 0.0) for k in after}
         busy, total = machine_busy()
         self.machine_used = (busy - self.machine[0]) / max(total - self.machine[1], 1.0)
+
+
+async def commits(url: str) -> int:
+    """Transactions committed in the bench database so far (after the statistics flush)."""
+    await asyncio.sleep(1.1)  # backends publish their counters at most once a second
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+    finally:
+        await conn.close()
 
 
 def spawn(module: str, env: dict[str, str], profile: str | None = None) -> subprocess.Popen[bytes]:
@@ -565,12 +576,17 @@ async def main(args: argparse.Namespace) -> None:
         ):
             log(f"phase: {label}")
             m = Meter(meter.cpu)
+            commits_before = await commits(url)
             m.start()
             count, took = await run()
             m.stop()
+            m.commits = await commits(url) - commits_before
             results[label] = (count, took, m)
             cpu = ", ".join(f"{k} {v:.1f}s" for k, v in m.used.items())
-            log(f"  {count} events in {took:.1f}s = {count / took:,.0f}/s; CPU {cpu}; machine {m.machine_used:.0%}")
+            log(
+                f"  {count} events in {took:.1f}s = {count / took:,.0f}/s; CPU {cpu}; machine {m.machine_used:.0%}; "
+                f"{m.commits} commits"
+            )
 
         log("phase: COPY ceiling")
         copy_rate, copy_table = await copy_ceiling(url, workspace.id, batch_specs)

@@ -164,4 +164,17 @@ def main(module: ServiceModule) -> None:
     """Entry point of ``python -m services.<name>``."""
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(module, settings))
+    run(serve(module, settings), settings.event_loop)
+
+
+def run(main_coro: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run a service's main coroutine on the configured event loop."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main_coro)
+    elif event_loop == "asyncio":
+        asyncio.run(main_coro)
+    else:
+        main_coro.close()
+        raise SystemExit(f"PARLEY_EVENT_LOOP must be 'uvloop' or 'asyncio', not {event_loop!r}")

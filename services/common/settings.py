@@ -26,6 +26,9 @@ class Settings:
     # "json" (default), or "console" for humans; "auto" picks console on a TTY.
     log_format: str = "auto"
 
+    # "uvloop" (default: libuv's event loop, faster for gRPC and asyncpg) or "asyncio" (the standard one).
+    event_loop: str = "uvloop"
+
     # Address every server binds to.
     host: str = "0.0.0.0"
     ingest_port: int = 50051

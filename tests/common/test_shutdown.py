@@ -9,8 +9,10 @@ import signal
 import sys
 
 import grpc
+import pytest
 
 from services.common.clients import key_metadata
+from services.common.server import run
 from services.common.settings import PROJECT_ROOT
 from tests.common.probe_service import METHOD
 from tests.helpers import MakeWorkspace
@@ -30,10 +32,12 @@ async def _listening_port(proc: asyncio.subprocess.Process) -> int:
             return int(entry["port"])
 
 
-async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace: MakeWorkspace) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace: MakeWorkspace, event_loop: str) -> None:
     _, key = await make_workspace(db_url)
     env = {
         **os.environ,
+        "PARLEY_EVENT_LOOP": event_loop,
         "PARLEY_DATABASE_URL": db_url,
         "PARLEY_HOST": "127.0.0.1",
         "PARLEY_LOG_FORMAT": "json",
@@ -61,3 +65,11 @@ async def test_sigterm_finishes_in_flight_call(db_url: str, make_workspace: Make
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_unknown_event_loop_is_refused_by_name() -> None:
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(SystemExit, match="PARLEY_EVENT_LOOP"):
+        run(never(), "twisted")
