@@ -59,24 +59,5 @@ def _ensure_database(admin_url: str, name: str) -> None:
         finally:
             await conn.close()
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(create())
-        return
-    # Called from inside a loop: run in a helper thread with its own loop.
-    import threading
-
-    error: list[BaseException] = []
-
-    def runner() -> None:
-        try:
-            asyncio.run(create())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=runner)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
+    # Callers run this outside any event loop (in a thread when a loop is running).
+    asyncio.run(create())

@@ -85,7 +85,6 @@ _DB_ERRORS: Sequence[tuple[type[BaseException], grpc.StatusCode, str]] = (
     (asyncpg.DeadlockDetectedError, grpc.StatusCode.ABORTED, "concurrent update; retry"),
     (asyncpg.CannotConnectNowError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
     (asyncpg.TooManyConnectionsError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
-    (ConnectionError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
     (OSError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
 )
 

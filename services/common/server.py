@@ -36,6 +36,8 @@ class Runtime:
     """What a running service's handlers and background loops share."""
 
     settings: Settings
+    # The database this process uses (PARLEY_DATABASE_URL, or the embedded server's).
+    database_url: str
     pool: asyncpg.Pool
     internal_token: str
     verifier: tenancy.KeyVerifier
@@ -103,7 +105,8 @@ class RunningServer:
 
 async def start(module: ServiceModule, settings: Settings, *, port: int | None = None) -> RunningServer:
     """Start ``module``: pool up, migrations applied, then listen; health turns SERVING last."""
-    dsn = database_url(settings)
+    # In a thread: starting the embedded server blocks, and the loop may already serve others.
+    dsn = await asyncio.to_thread(database_url, settings)
     pool = await create_pool(dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
     try:
         await tenancy.migrate(pool)
@@ -113,7 +116,7 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
         await pool.close()
         raise
     verifier = tenancy.KeyVerifier(pool, token, settings.auth_cache_seconds)
-    runtime = Runtime(settings=settings, pool=pool, internal_token=token, verifier=verifier)
+    runtime = Runtime(settings=settings, database_url=dsn, pool=pool, internal_token=token, verifier=verifier)
 
     server = grpc.aio.server(interceptors=[ChassisInterceptor(verifier)], options=_SERVER_OPTIONS)
     names = list(module.register(server, runtime))

@@ -10,7 +10,6 @@ import grpc
 from parley.identity.v1 import identity_service_pb2
 from parley.identity.v1.identity_service_pb2_grpc import add_IdentityServiceServicer_to_server
 
-from services.common.embedded import database_url
 from services.common.server import Runtime, ServiceModule
 from services.identity.connections import HeldConnections
 from services.identity.servicer import IdentityServicer
@@ -35,7 +34,7 @@ async def on_start(rt: Runtime) -> None:
     # (https://docs.python.org/3/library/gc.html#gc.freeze).
     gc.collect()
     gc.freeze()
-    rt.spawn(listen(database_url(rt.settings), rt.state["event_hub"]), name="identity-event-listener")
+    rt.spawn(listen(rt.database_url, rt.state["event_hub"]), name="identity-event-listener")
 
 
 MODULE = ServiceModule(
