@@ -56,6 +56,16 @@ def _us_to_dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us) if us else datetime.now(UTC)
 
 
+# Every batch lookup probes an index once per key (LATERAL), whatever the statistics say: a hash
+# join or a bitmap scan over the workspace's rows, which stale statistics on a growing table can
+# make the planner pick, costs a batch time in proportion to the table instead of the batch.
+_EXISTING_EVENTS = """
+    SELECT m.message_id, e.contact_id
+      FROM unnest($2::text[]) AS m(message_id)
+      JOIN LATERAL (SELECT contact_id FROM identity.events e
+                     WHERE e.workspace_id = $1 AND e.message_id = m.message_id) e ON true"""
+
+
 async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
     """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements.
 
@@ -80,19 +90,24 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
 
     id_list = sorted(ids)
     rows = await conn.fetch(
-        """SELECT i.kind, i.external_id, i.user_key
-             FROM identity.identities i
-             JOIN unnest($2::text[], $3::text[]) AS q(kind, external_id) USING (kind, external_id)
-            WHERE i.workspace_id = $1""",
+        """SELECT q.kind, q.external_id, i.user_key
+             FROM unnest($2::text[], $3::text[]) AS q(kind, external_id)
+             JOIN LATERAL (SELECT user_key FROM identity.identities i
+                            WHERE i.workspace_id = $1 AND i.kind = q.kind
+                              AND i.external_id = q.external_id) i ON true""",
         ws,
         [k for k, _ in id_list],
         [v for _, v in id_list],
     )
     identities = {(r["kind"], r["external_id"]): r["user_key"] for r in rows}
     rows = await conn.fetch(
-        """SELECT user_key, contact_id, phone, phone_time, traits, trait_times, identified, merged_into
-             FROM identity.users WHERE workspace_id = $1 AND user_key = ANY($2::uuid[])
-            ORDER BY user_key FOR UPDATE""",
+        # Rows are locked in the order of the sorted keys, one index probe each.
+        """SELECT u.*
+             FROM unnest($2::uuid[]) WITH ORDINALITY AS k(user_key, ord)
+             JOIN LATERAL (SELECT user_key, contact_id, phone, phone_time, traits, trait_times, identified, merged_into
+                             FROM identity.users u WHERE u.workspace_id = $1 AND u.user_key = k.user_key
+                              FOR UPDATE) u ON true
+            ORDER BY k.ord""",
         ws,
         sorted(set(identities.values())),
     )
@@ -133,7 +148,7 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
         for r in rows
     }
     rows = await conn.fetch(
-        "SELECT message_id, contact_id FROM identity.events WHERE workspace_id = $1 AND message_id = ANY($2::text[])",
+        _EXISTING_EVENTS,
         ws,
         list({e.message_id for e in events}),
     )
@@ -259,15 +274,7 @@ async def _write(conn: asyncpg.Connection, ws: uuid.UUID, plan: Plan) -> None:
         if len(inserted) != len(evs):
             # Another batch stored the same message_id concurrently (it did not share our locks).
             raced = [e.event.message_id for e in evs if e.event.message_id not in inserted]
-            current = {
-                r["message_id"]: r["contact_id"]
-                for r in await conn.fetch(
-                    """SELECT message_id, contact_id FROM identity.events
-                        WHERE workspace_id = $1 AND message_id = ANY($2)""",
-                    ws,
-                    raced,
-                )
-            }
+            current = {r["message_id"]: r["contact_id"] for r in await conn.fetch(_EXISTING_EVENTS, ws, raced)}
             for o in plan.outcomes:
                 if o.new is not None and o.new.event.message_id in current:
                     o.duplicate = True
