@@ -78,6 +78,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children, live or reaped (PostgreSQL's backends under the postmaster)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(child[1]) == pid:
+            total += int(child[11]) + int(child[12])
+    return total / TICKS
+
+
+def postmaster_pid() -> int | None:
+    """The embedded server's postmaster (None when PARLEY_DATABASE_URL names another server)."""
+    if os.environ.get("PARLEY_DATABASE_URL"):
+        return None
+    pidfile = ROOT / ".parley" / "bench" / "pgdata" / "postmaster.pid"
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def admin_url() -> str:
     return os.environ.get("PARLEY_DATABASE_URL") or embedded_server_url(ROOT / ".parley" / "bench")
 
@@ -101,6 +128,17 @@ async def drop_database(url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+async def db_counters(pool: asyncpg.Pool) -> tuple[int, int]:
+    """(transactions committed in the database, status callbacks parked before their hand-off was recorded)."""
+    row = await pool.fetchrow(
+        """SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits,
+                  (SELECT n_tup_ins FROM pg_stat_user_tables
+                    WHERE schemaname = 'messaging' AND relname = 'early_statuses') AS early"""
+    )
+    assert row is not None
+    return int(row["commits"]), int(row["early"] or 0)
 
 
 async def wait_serving(addr: str, proc: subprocess.Popen[bytes]) -> None:
@@ -129,6 +167,10 @@ class Phase:
     p99_ms: float
     cpu_messaging: float
     cpu_standin: float
+    cpu_postgres: float | None
+    commits: int
+    early: int
+    final: str
 
 
 class Bench:
@@ -177,13 +219,18 @@ class Bench:
 
         total = len(jobs)
         cpu0 = [cpu_seconds(p.pid) for p in self.procs]
+        pg = postmaster_pid()
+        pg0 = tree_cpu_seconds(pg) if pg else 0.0
+        db0 = await db_counters(pool)
         how = f"BatchSendSms of {batch}" if batch > 1 else "SendSms"
         log(f"{name}: sending {total} SMS by {how}, {conc} concurrent callers over {len(stubs)} replica(s)")
         t0 = time.perf_counter()
         await asyncio.gather(*(sender(n) for n in range(conc)))
         accepted = time.perf_counter() - t0
         statuses = ("sent", "delivered") if final == "sent" else ("delivered",)
+        polls = 0
         while True:
+            polls += 1
             row = await pool.fetchrow(
                 """SELECT count(*) FILTER (WHERE status = ANY($3::text[])) AS done,
                           count(*) FILTER (WHERE status IN ('failed', 'blocked', 'undelivered')) AS bad
@@ -201,6 +248,9 @@ class Bench:
         if row["bad"]:
             raise RuntimeError(f"{name}: {row['bad']} messages failed")
         cpu1 = [cpu_seconds(p.pid) for p in self.procs]
+        pg_used = tree_cpu_seconds(pg) - pg0 if pg else None
+        await asyncio.sleep(0.6)  # the statistics collector lags up to half a second
+        db1 = await db_counters(pool)
         used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
         latencies.sort()
         log(f"{name}: {total} {final} in {elapsed:.2f}s")
@@ -213,6 +263,10 @@ class Bench:
             latencies[int(len(latencies) * 0.99)] * 1000,
             sum(used[1:]),
             used[0],
+            pg_used,
+            db1[0] - db0[0] - polls - 1,  # not the bench's own queries
+            db1[1] - db0[1],
+            final,
         )
 
     async def run(self) -> str:
@@ -222,13 +276,16 @@ class Bench:
         http_ports = [free_port() for _ in range(args.replicas)]
         standin_port = free_port()
         callbacks = ",".join(f"http://127.0.0.1:{p}" for p in http_ports)
+        prof = Path(tempfile.gettempdir()) / f"bench_messaging_{os.getpid()}.prof"
+        standin_prof = prof.with_suffix(".standin.prof")
         self.procs.append(
             spawn(
-                ["-m", "tests.messaging.twilio_standin", "--port", str(standin_port),
-                 "--callback-base", callbacks, "--public-base", PUBLIC_BASE]
+                [*(["-m", "cProfile", "-o", str(standin_prof)] if args.profile else []),
+                 "-m", "tests.messaging.twilio_standin", "--port", str(standin_port),
+                 "--callback-base", callbacks, "--public-base", PUBLIC_BASE,
+                 "--event-loop", "asyncio" if args.profile else "uvloop"]
             )
         )  # fmt: skip
-        prof = Path(tempfile.gettempdir()) / f"bench_messaging_{os.getpid()}.prof"
         for i in range(args.replicas):
             env = dict(os.environ)
             env.update(
@@ -249,7 +306,11 @@ class Bench:
                 PARLEY_LOG_FORMAT="json",
                 PARLEY_DB_POOL_MAX="20",
             )
-            wrap = ["-m", "cProfile", "-o", str(prof)] if args.profile and i == 0 else []
+            wrap = []
+            if args.profile and i == 0:
+                wrap = ["-m", "cProfile", "-o", str(prof)]
+                # uvloop runs callbacks in C, where cProfile cannot see whose they are.
+                env["PARLEY_EVENT_LOOP"] = "asyncio"
             self.procs.append(spawn([*wrap, "-m", "services.messaging"], env))
         pool = await create_pool(db, max_size=4)
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in grpc_ports]
@@ -305,18 +366,27 @@ class Bench:
             await pool.close()
             stop_all(self.procs)
             await drop_database(db)
-            if args.profile and prof.exists():
-                stats = pstats.Stats(str(prof), stream=sys.stderr)
-                stats.sort_stats("tottime").print_stats(30)
+            for who, path in (("messaging replica 1", prof), ("stand-in", standin_prof)):
+                if args.profile and path.exists():
+                    print(f"--- profile: {who}", file=sys.stderr)
+                    stats = pstats.Stats(str(path), stream=sys.stderr)
+                    stats.sort_stats("tottime").print_stats(40)
         once = counts["received"] == expected and counts["distinct"] == expected
         rows = []
         for p, what in done:
+            pg_ms = "n/a" if p.cpu_postgres is None else f"{p.cpu_postgres / p.total * 1000:.2f}"
             rows.append(
                 f"| {p.name}: {what} | {p.total:,} | {p.total / p.accepted_s:,.0f} /s |"
                 f" **{p.total / p.final_s:,.0f} /s** |"
                 f" {p.p50_ms:.0f} / {p.p99_ms:.0f} ms | {p.cpu_messaging / p.total * 1000:.2f} /"
-                f" {p.cpu_standin / p.total * 1000:.2f} |"
+                f" {p.cpu_standin / p.total * 1000:.2f} / {pg_ms} | {p.commits / p.total * 1000:,.0f} |"
             )
+        notes = [
+            f"\n{p.early:,} of the {p.total:,} delivery callbacks of phase {p.name} arrived before the dispatcher"
+            " had recorded the provider's id (parked, then recorded with it)."
+            for p, _ in done
+            if p.final == "delivered"
+        ]
         return "\n".join(
             [
                 "## Messaging: SMS through the gate to a Twilio stand-in",
@@ -329,14 +399,15 @@ class Bench:
                 " that final status.",
                 "",
                 "| phase | SMS | calls answered | **through to final status** | call p50 / p99 | CPU s per 1k SMS:"
-                " messaging / stand-in |",
-                "|---|---|---|---|---|---|",
+                " messaging / stand-in / PostgreSQL | DB commits per 1k SMS |",
+                "|---|---|---|---|---|---|---|",
                 *rows,
                 "",
                 f"Provider received {counts['received']:,} messages with {counts['distinct']:,} distinct bodies in"
                 f" {counts['attempts']:,} HTTP requests for {expected:,} SendSms calls:"
                 f" {'each exactly once' if once else 'MISMATCH'}. Target: ≥ 1,000 SMS/s through the gate,"
                 " every one recorded with its final status.",
+                *notes,
             ]
         )
 
@@ -354,7 +425,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--batch", type=int, default=100, help="sends per BatchSendSms call")
     parser.add_argument("--phases", default="single,batch,receipts", help="comma-separated phases to run")
-    parser.add_argument("--profile", action="store_true", help="run the first replica under cProfile; stats on stderr")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the first replica under cProfile (on asyncio's loop); stats on stderr",
+    )
     print(asyncio.run(Bench(parser.parse_args()).run()))
 
 

@@ -38,6 +38,9 @@ class Tuning:
     background: bool = True
     consume_identity_stream: bool = True
     policy_cache_seconds: float = 2.0
+    # Status callbacks wait this long to share a transaction with others arriving meanwhile
+    # (Twilio waits seconds for an answer; each transaction costs the same for 1 or 100).
+    status_linger_seconds: float = 0.01
 
 
 @dataclass

@@ -16,8 +16,9 @@ class Coalescer(Generic[T, R]):
     """Queues items from concurrent callers; a flusher runs ``handle(conn, items)`` in one transaction.
 
     While a batch's transaction runs, later items wait and form the next batch (up to
-    ``max_batch``). A caller alone still gets its own transaction at once. If a batch fails,
-    each of its callers gets the error.
+    ``max_batch``). A caller alone still gets its own transaction at once, or after ``linger``
+    seconds when set. If a batch fails, its items go again one by one, so one bad item fails
+    only its own caller.
     """
 
     def __init__(
@@ -26,11 +27,15 @@ class Coalescer(Generic[T, R]):
         handle: Callable[[asyncpg.Connection, Sequence[T]], Awaitable[Sequence[R]]],
         max_batch: int = 500,
         flushers: int = 1,
+        linger: float = 0.0,
     ) -> None:
         self._pool = pool
         self._handle = handle
         self.max_batch = max_batch
         self.flushers = flushers
+        # Seconds a flush waits for more items before it starts (each transaction has a fixed
+        # cost; callers that can wait a little share it with more neighbours).
+        self.linger = linger
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._active = 0
 
@@ -58,6 +63,8 @@ class Coalescer(Generic[T, R]):
             # Let callers that are already runnable join this batch.
             await asyncio.sleep(0)
             while self._pending:
+                if self.linger > 0 and len(self._pending) < self.max_batch:
+                    await asyncio.sleep(self.linger)
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
                     async with self._pool.acquire() as conn, conn.transaction():

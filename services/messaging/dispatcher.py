@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.providers import ACCEPTED, FAILED, OutboundSms, SendResult
 from services.messaging.repository import DispatchResult
-from services.messaging.status import BLOCKED, QUEUED, SENT
+from services.messaging.status import BLOCKED, QUEUED, SENT, advances
 from services.messaging.window import next_send_time
 
 log = structlog.get_logger(__name__)
@@ -142,34 +143,42 @@ class Dispatcher:
                     "sms_retry", message_id=mid, attempt=attempt, error_code=res.error_code, delay_s=round(delay, 3)
                 )
         async with app.pool.acquire() as conn, conn.transaction():
-            await repo.lock_provider_ids(
-                conn, [(r.workspace_id, r.provider_message_id) for r in results if r.provider_message_id]
-            )
+            sids = [(r.workspace_id, r.provider_message_id) for r in results if r.provider_message_id]
+            await repo.lock_provider_ids(conn, sids)
+            # Callbacks that beat this record (a fast provider) were parked; the furthest status
+            # of each message is recorded with its acceptance, in the same statement.
+            early: dict[tuple[str, str], tuple[str, str]] = {}
+            for e in await repo.take_early_statuses(conn, sids):
+                key = (str(e["workspace_id"]), e["provider_message_id"])
+                if key not in early or advances(early[key][0], e["status"]):
+                    early[key] = (e["status"], e["error_code"])
+            if early:
+                results = [_with_early(r, early.get((r.workspace_id, r.provider_message_id))) for r in results]
             moved = await repo.record_results(conn, results, now)
-            outcomes = _outcomes(moved, now)
-            sids = [(str(r["workspace_id"]), r["provider_message_id"]) for r in moved if r["provider_message_id"]]
-            for early in await repo.take_early_statuses(conn, sids):
-                row, _ = await repo.apply_status(
-                    conn,
-                    str(early["workspace_id"]),
-                    early["provider_message_id"],
-                    early["status"],
-                    early["error_code"],
-                    now,
-                )
-                if row is not None:
-                    out = oc.message_outcome(row, row["status"], now)
-                    if out is not None:
-                        outcomes.append(out)
-            await repo.add_outcomes(conn, outcomes)
+            await repo.add_outcomes(conn, _outcomes(moved, now))
         app.wake_outbox()
 
 
+def _with_early(result: DispatchResult, early: tuple[str, str] | None) -> DispatchResult:
+    """An accepted hand-off's result carried forward to the status its provider already reported."""
+    if early is None or not advances(result.status, early[0]):
+        return result
+    status, code = early
+    return dataclasses.replace(result, status=status, error_code=code or result.error_code)
+
+
 def _outcomes(moved: list[asyncpg.Record], now: datetime) -> list[oc.Outcome]:
+    """The outcomes of recorded results: each status a message passed, so "SMS Sent" comes before
+    "SMS Delivered" even when both are recorded at once."""
     out = []
     for row in moved:
-        if row["status"] != row["old_status"]:
-            o = oc.message_outcome(row, row["status"], now)
+        if row["status"] == row["old_status"]:
+            continue
+        steps = [row["status"]]
+        if row["provider_message_id"] and advances(SENT, row["status"]) and advances(row["old_status"], SENT):
+            steps.insert(0, SENT)
+        for status in steps:
+            o = oc.message_outcome(row, status, now)
             if o is not None:
                 out.append(o)
     return out

@@ -21,7 +21,7 @@ from services.messaging.outcomes import Outcome
 from services.messaging.repository import ConsentChange
 from services.messaging.segments import count_segments
 from services.messaging.sending import SendRequest, Target, send_in_transaction
-from services.messaging.status import advances, from_twilio
+from services.messaging.status import from_twilio
 
 log = structlog.get_logger(__name__)
 
@@ -56,38 +56,42 @@ async def status_callback(app: Messaging, ws: Workspace, form: Mapping[str, str]
 
 
 async def apply_callbacks(app: Messaging, conn: asyncpg.Connection, cbs: Sequence[StatusCallback]) -> list[str]:
-    """A batch of status callbacks in one transaction: each applied once, each message only forward."""
+    """A batch of status callbacks in one transaction: each applied once, each message only forward.
+
+    Two statements whatever the batch size: the provider ids' locks, then one statement that
+    records the callbacks' idempotency keys, moves messages (set-based) and parks statuses of
+    ids not recorded yet; then the outcome events, into the outbox in the same transaction.
+    """
     now = app.clock.now()
-    owner: dict[tuple[str, str], int] = {}
-    for n, cb in enumerate(cbs):
-        for key in cb.keys:
-            owner.setdefault((cb.workspace_id, key), n)
-    new = await repo.claim_receipts_many(conn, list(owner))
     results = ["duplicate"] * len(cbs)
-    best: dict[tuple[str, str], tuple[str, StatusCallback]] = {}
+    seen: set[tuple[str, str]] = set()
+    items: list[repo.CallbackItem] = []
     for n, cb in enumerate(cbs):
-        if not all((cb.workspace_id, k) in new and owner[(cb.workspace_id, k)] == n for k in cb.keys):
-            continue
+        keys = [(cb.workspace_id, k) for k in cb.keys]
+        if any(k in seen for k in keys):
+            continue  # the same delivery twice in one batch: the first one counts
+        seen.update(keys)
         status = from_twilio(cb.raw_status)
-        if status is None:
-            results[n] = "ignored"
-            continue
-        results[n] = "stale"
-        key = (cb.workspace_id, cb.sid)
-        # Several statuses of one message in a batch: only the furthest can move it.
-        if key not in best or advances(best[key][0], status):
-            best[key] = (status, cb)
-    if best:
-        await repo.lock_provider_ids(conn, list(best))
-        items = [(ws, sid, status, cb.error_code) for (ws, sid), (status, cb) in best.items()]
-        moved, known = await repo.apply_statuses(conn, items, now)
-        outcomes = [o for r in moved if (o := oc.message_outcome(r, r["status"], now)) is not None]
-        await repo.add_outcomes(conn, outcomes)
-        moved_keys = {(str(r["workspace_id"]), r["provider_message_id"]) for r in moved}
-        for n, cb in enumerate(cbs):
-            key = (cb.workspace_id, cb.sid)
-            if results[n] == "stale" and best[key][1] is cb:
-                results[n] = best[key][0] if key in moved_keys else ("stale" if key in known else "early")
+        items.append(
+            repo.CallbackItem(
+                n, cb.workspace_id, cb.sid, status or "", cb.error_code, cb.keys[0], cb.keys[1] if cb.token else ""
+            )
+        )
+    if not items:
+        return results
+    await repo.lock_provider_ids(conn, sorted({(i.workspace_id, i.sid) for i in items if i.status}))
+    outcomes: list[Outcome] = []
+    for row in await repo.apply_callbacks(conn, items, now):
+        n = row["n"]
+        if row["applied"]:
+            results[n] = row["status"]
+            if (o := oc.message_outcome(row, row["status"], now)) is not None:
+                outcomes.append(o)
+        elif row["parked"]:
+            results[n] = "early"
+        else:
+            results[n] = "stale" if from_twilio(cbs[n].raw_status) else "ignored"
+    await repo.add_outcomes(conn, outcomes)
     return results
 
 
@@ -99,7 +103,7 @@ def status_batcher(app: Messaging) -> Coalescer[StatusCallback, str]:
         async def handle(conn: asyncpg.Connection, items: Sequence[StatusCallback]) -> list[str]:
             return await apply_callbacks(app, conn, items)
 
-        found = app.extra["status_batcher"] = Coalescer(app.pool, handle)
+        found = app.extra["status_batcher"] = Coalescer(app.pool, handle, linger=app.tuning.status_linger_seconds)
     return found
 
 

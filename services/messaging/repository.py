@@ -420,92 +420,79 @@ async def claim_receipts(conn: asyncpg.Connection, workspace_id: str, keys: Sequ
     return len(inserted) == len(keys)
 
 
-async def claim_receipts_many(conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Record webhook idempotency keys; returns the (workspace, key) pairs that were new."""
-    rows = await conn.fetch(
-        """INSERT INTO messaging.webhook_receipts (workspace_id, key)
-           SELECT * FROM unnest($1::uuid[], $2::text[])
-           ON CONFLICT DO NOTHING RETURNING workspace_id, key""",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    return {(str(r["workspace_id"]), r["key"]) for r in rows}
+@dataclass(frozen=True)
+class CallbackItem:
+    """One status callback of a batch: its keys are unique within the batch (the caller sees to that)."""
+
+    n: int
+    workspace_id: str
+    sid: str
+    # Our status for Twilio's, or "" when it says nothing new (queued, sending, ...).
+    status: str
+    error_code: str
+    key: str
+    token_key: str
 
 
-async def apply_statuses(
-    conn: asyncpg.Connection, items: Sequence[tuple[str, str, str, str]], now: datetime
-) -> tuple[list[asyncpg.Record], set[tuple[str, str]]]:
-    """Move messages forward by provider id, set-based; (moved rows, provider ids known at all).
+async def apply_callbacks(
+    conn: asyncpg.Connection, items: Sequence[CallbackItem], now: datetime
+) -> list[asyncpg.Record]:
+    """Record a batch of status callbacks and apply them, in one statement; a row per callback that was new.
 
-    Callers pass one status per provider id. Ids not known yet park their status in
-    ``early_statuses`` for the dispatcher to apply when it records them.
+    Each row carries ``n`` (the callback's), ``parked`` (its provider id was not known yet: its
+    status waits in ``early_statuses`` for the dispatcher), ``applied`` (it is the one callback
+    that moved its message) and, when applied, the moved message's columns. A callback whose
+    keys (``status:{sid}:{status}``, and the Twilio idempotency token) were recorded before
+    gets no row: it is a redelivery and changes nothing. Of several new statuses of one
+    message, only the furthest can move it; none moves a message backwards.
+
+    The caller holds the provider ids' locks (``lock_provider_ids``, taken before this statement
+    so its snapshot sees any hand-off recorded before the lock was granted).
     """
-    ws, sids, statuses, codes = ([i[n] for i in items] for n in range(4))
-    moved = await conn.fetch(
-        """UPDATE messaging.messages m SET status = r.status,
-             error_code = CASE WHEN r.error_code = '' THEN m.error_code ELSE r.error_code END, update_time = $5
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS r(ws, sid, status, error_code)
-           WHERE m.workspace_id = r.ws AND m.provider_message_id = r.sid
-             AND messaging.status_rank(r.status) > messaging.status_rank(m.status)
-           RETURNING m.*""",
-        ws,
-        sids,
-        statuses,
-        codes,
+    return await conn.fetch(
+        """WITH cb AS (
+             SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+               AS cb(n, ws, sid, status, error_code, key, token_key)),
+           claimed AS (
+             INSERT INTO messaging.webhook_receipts (workspace_id, key)
+             SELECT cb.ws, k.key FROM cb CROSS JOIN LATERAL (VALUES (cb.key), (cb.token_key)) AS k(key)
+             WHERE k.key <> ''
+             ON CONFLICT DO NOTHING
+             RETURNING workspace_id, key),
+           fresh AS (
+             SELECT cb.* FROM cb
+             WHERE EXISTS (SELECT 1 FROM claimed c WHERE c.workspace_id = cb.ws AND c.key = cb.key)
+               AND (cb.token_key = '' OR EXISTS (
+                 SELECT 1 FROM claimed c WHERE c.workspace_id = cb.ws AND c.key = cb.token_key))),
+           best AS (
+             SELECT DISTINCT ON (ws, sid) * FROM fresh WHERE status <> ''
+             ORDER BY ws, sid, messaging.status_rank(status) DESC, n),
+           moved AS (
+             UPDATE messaging.messages m SET status = b.status,
+               error_code = CASE WHEN b.error_code = '' THEN m.error_code ELSE b.error_code END, update_time = $8
+             FROM best b
+             WHERE m.workspace_id = b.ws AND m.provider_message_id = b.sid
+               AND messaging.status_rank(b.status) > messaging.status_rank(m.status)
+             RETURNING b.n AS moved_n, m.*),
+           unknown AS (
+             SELECT b.* FROM best b WHERE NOT EXISTS (
+               SELECT 1 FROM messaging.messages m WHERE m.workspace_id = b.ws AND m.provider_message_id = b.sid)),
+           parked AS (
+             INSERT INTO messaging.early_statuses (workspace_id, provider_message_id, status, error_code)
+             SELECT ws, sid, status, error_code FROM unknown ON CONFLICT DO NOTHING)
+           SELECT f.n, u.n IS NOT NULL AS parked, mv.moved_n IS NOT NULL AS applied, mv.*
+           FROM fresh f
+           LEFT JOIN moved mv ON mv.moved_n = f.n
+           LEFT JOIN unknown u ON u.n = f.n""",
+        [i.n for i in items],
+        [i.workspace_id for i in items],
+        [i.sid for i in items],
+        [i.status for i in items],
+        [i.error_code for i in items],
+        [i.key for i in items],
+        [i.token_key for i in items],
         now,
     )
-    known_rows = await conn.fetch(
-        """SELECT m.workspace_id, m.provider_message_id FROM messaging.messages m
-           JOIN unnest($1::uuid[], $2::text[]) AS r(ws, sid)
-             ON m.workspace_id = r.ws AND m.provider_message_id = r.sid""",
-        ws,
-        sids,
-    )
-    known = {(str(r["workspace_id"]), r["provider_message_id"]) for r in known_rows}
-    early = [i for i in items if (i[0], i[1]) not in known]
-    if early:
-        await conn.execute(
-            """INSERT INTO messaging.early_statuses (workspace_id, provider_message_id, status, error_code)
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING""",
-            [e[0] for e in early],
-            [e[1] for e in early],
-            [e[2] for e in early],
-            [e[3] for e in early],
-        )
-    return list(moved), known
-
-
-async def apply_status(
-    conn: asyncpg.Connection, workspace_id: str, sid: str, status: str, error_code: str, now: datetime
-) -> tuple[asyncpg.Record | None, bool]:
-    """Move the message with provider id ``sid`` forward to ``status``: (moved row, message known)."""
-    row = await conn.fetchrow(
-        """UPDATE messaging.messages SET status = $3,
-             error_code = CASE WHEN $4 = '' THEN error_code ELSE $4 END, update_time = $5
-           WHERE workspace_id = $1 AND provider_message_id = $2
-             AND messaging.status_rank($3) > messaging.status_rank(status)
-           RETURNING *""",
-        workspace_id,
-        sid,
-        status,
-        error_code,
-        now,
-    )
-    if row is not None:
-        return row, True
-    known = await conn.fetchval(
-        "SELECT 1 FROM messaging.messages WHERE workspace_id = $1 AND provider_message_id = $2", workspace_id, sid
-    )
-    if not known:
-        await conn.execute(
-            """INSERT INTO messaging.early_statuses (workspace_id, provider_message_id, status, error_code)
-               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING""",
-            workspace_id,
-            sid,
-            status,
-            error_code,
-        )
-    return None, bool(known)
 
 
 async def upsert_inbound_conversation(

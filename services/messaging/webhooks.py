@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -20,6 +22,8 @@ log = structlog.get_logger(__name__)
 
 STATUS_PATH = "/twilio/status/{workspace_id}"
 INBOUND_PATH = "/twilio/inbound/{workspace_id}"
+# How long a webhook listener trusts a workspace it looked up (the verifier caches it longer).
+WORKSPACE_CACHE_SECONDS = 5.0
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 Handler = Callable[[Messaging, Workspace, Mapping[str, str], str], Awaitable[str]]
@@ -43,11 +47,33 @@ def build_app(app: Messaging, verifier: KeyVerifier) -> web.Application:
             raise web.HTTPForbidden(text="unknown account")
         return params
 
+    # Workspaces seen lately, and lookups in flight: a burst of callbacks for a workspace not
+    # cached yet waits on one query instead of each sending its own.
+    recent: dict[str, tuple[float, Workspace]] = {}
+    lookups: dict[str, asyncio.Future[Workspace]] = {}
+
+    async def lookup(raw: str) -> Workspace:
+        uuid.UUID(raw)
+        ws = await verifier.workspace_by_id(raw)
+        recent[raw] = (time.monotonic() + WORKSPACE_CACHE_SECONDS, ws)
+        return ws
+
+    def forget(raw: str, done: asyncio.Future[Workspace]) -> None:
+        lookups.pop(raw, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too, in case every waiter went away
+
     async def workspace(request: web.Request) -> Workspace:
         raw = request.match_info["workspace_id"]
+        hit = recent.get(raw)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        pending = lookups.get(raw)
+        if pending is None:
+            pending = lookups[raw] = asyncio.ensure_future(lookup(raw))
+            pending.add_done_callback(lambda done, key=raw: forget(key, done))
         try:
-            uuid.UUID(raw)
-            return await verifier.workspace_by_id(raw)
+            return await asyncio.shield(pending)
         except (ValueError, Unauthenticated) as exc:
             raise web.HTTPNotFound(text="unknown workspace") from exc
 

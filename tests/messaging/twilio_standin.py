@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,12 +44,16 @@ class TwilioStandIn:
     public_base: str = ""
     callback_status: str = "delivered"
     callbacks_on: bool = True
+    # Callbacks in flight at once, over keep-alive connections (Twilio's webhook senders are a
+    # bounded pool too); the rest wait their turn in order.
+    callback_concurrency: int = 64
     port: int = 0
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _turn: itertools.count[int] = field(default_factory=itertools.count)
-    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    _callbacks: asyncio.Queue[tuple[str, dict[str, str]]] | None = None
+    _senders: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -68,8 +73,9 @@ class TwilioStandIn:
         return self
 
     async def stop(self) -> None:
-        for task in list(self._pending):
+        for task in self._senders:
             task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
@@ -113,9 +119,7 @@ class TwilioStandIn:
         sid = f"SM{next(self._ids):032x}"
         self.received.append(Received(sid, to, body, form.get("StatusCallback", ""), form))
         if self.callback_base and self.callbacks_on and form.get("StatusCallback"):
-            task = asyncio.create_task(self._callback(sid, form))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._queue_callback(sid, form)
         return web.json_response(
             {
                 "sid": sid,
@@ -131,6 +135,19 @@ class TwilioStandIn:
             },
             status=201,
         )
+
+    def _queue_callback(self, sid: str, form: dict[str, str]) -> None:
+        if self._callbacks is None:
+            self._callbacks = asyncio.Queue()
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.callback_concurrency))
+            self._senders = [asyncio.create_task(self._send_callbacks()) for _ in range(self.callback_concurrency)]
+        self._callbacks.put_nowait((sid, form))
+
+    async def _send_callbacks(self) -> None:
+        assert self._callbacks is not None
+        while True:
+            sid, form = await self._callbacks.get()
+            await self._callback(sid, form)
 
     async def _callback(self, sid: str, form: dict[str, str]) -> None:
         public = form["StatusCallback"]
@@ -149,8 +166,7 @@ class TwilioStandIn:
             "ApiVersion": "2010-04-01",
         }
         signature = RequestValidator(self.auth_token).compute_signature(public, params)
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
+        assert self._session is not None
         for _ in range(5):
             try:
                 async with self._session.post(
@@ -175,7 +191,12 @@ async def _serve(port: int, callback_base: str | None, public_base: str) -> None
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print(f"standin listening on {port}", file=sys.stderr, flush=True)
-    await asyncio.Event().wait()
+    stop = asyncio.Event()
+    # A clean exit on SIGTERM, so a profiler wrapping this process writes its stats.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await standin.stop()
+    await runner.cleanup()
 
 
 async def _control(standin: TwilioStandIn, request: web.Request) -> web.Response:
@@ -202,5 +223,12 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--callback-base", default=None, help="where to post signed status callbacks")
     parser.add_argument("--public-base", default="", help="the public URL prefix the callbacks are signed for")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
-    asyncio.run(_serve(args.port, args.callback_base, args.public_base))
+    serve = _serve(args.port, args.callback_base, args.public_base)
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve)
+    else:
+        asyncio.run(serve)
