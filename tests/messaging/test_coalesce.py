@@ -43,3 +43,23 @@ async def test_a_lone_caller_gets_its_own_transaction(db_url: str, n: int) -> No
         assert await Coalescer(pool, handle).submit(n) == n
     finally:
         await pool.close()
+
+
+async def test_linger_lets_later_callers_share_the_transaction(db_url: str) -> None:
+    pool = await create_pool(db_url, max_size=1)
+    batches: list[list[int]] = []
+
+    async def handle(conn: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        return list(items)
+
+    async def later(co: Coalescer[int, int], item: int) -> int:
+        await asyncio.sleep(0.01)
+        return await co.submit(item)
+
+    try:
+        co: Coalescer[int, int] = Coalescer(pool, handle, linger=0.2)
+        assert await asyncio.gather(co.submit(1), later(co, 2), later(co, 3)) == [1, 2, 3]
+    finally:
+        await pool.close()
+    assert batches == [[1, 2, 3]]
