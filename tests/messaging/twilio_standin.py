@@ -9,8 +9,8 @@ import signal
 import sys
 from collections import deque
 from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit
 
-import aiohttp
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
@@ -49,7 +49,6 @@ class TwilioStandIn:
     callback_concurrency: int = 64
     port: int = 0
     _runner: web.AppRunner | None = None
-    _session: aiohttp.ClientSession | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _turn: itertools.count[int] = field(default_factory=itertools.count)
     _callbacks: asyncio.Queue[tuple[str, dict[str, str]]] | None = None
@@ -76,8 +75,6 @@ class TwilioStandIn:
         for task in self._senders:
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -139,22 +136,27 @@ class TwilioStandIn:
     def _queue_callback(self, sid: str, form: dict[str, str]) -> None:
         if self._callbacks is None:
             self._callbacks = asyncio.Queue()
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.callback_concurrency))
             self._senders = [asyncio.create_task(self._send_callbacks()) for _ in range(self.callback_concurrency)]
         self._callbacks.put_nowait((sid, form))
 
     async def _send_callbacks(self) -> None:
+        """One of the bounded pool of senders: a keep-alive connection per listener, one request at a time."""
         assert self._callbacks is not None
-        while True:
-            sid, form = await self._callbacks.get()
-            await self._callback(sid, form)
+        connections: dict[tuple[str, int], _Connection] = {}
+        try:
+            while True:
+                sid, form = await self._callbacks.get()
+                await self._callback(sid, form, connections)
+        finally:
+            for conn in connections.values():
+                conn.close()
 
-    async def _callback(self, sid: str, form: dict[str, str]) -> None:
+    async def _callback(self, sid: str, form: dict[str, str], connections: dict[tuple[str, int], _Connection]) -> None:
         public = form["StatusCallback"]
         # Several bases (comma-separated) are used in turn, like a load balancer over replicas.
         bases = (self.callback_base or "").split(",")
         base = bases[next(self._turn) % len(bases)]
-        local = base.rstrip("/") + public[len(self.public_base.rstrip("/")) :]
+        local = urlsplit(base.rstrip("/") + public[len(self.public_base.rstrip("/")) :])
         params = {
             "MessageSid": sid,
             "SmsSid": sid,
@@ -166,19 +168,75 @@ class TwilioStandIn:
             "ApiVersion": "2010-04-01",
         }
         signature = RequestValidator(self.auth_token).compute_signature(public, params)
-        assert self._session is not None
+        body = urlencode(params).encode()
+        # What Twilio sends: a form-encoded POST, signed for the public URL, with its idempotency token.
+        request = (
+            f"POST {local.path}{'?' + local.query if local.query else ''} HTTP/1.1\r\n"
+            f"Host: {local.netloc}\r\n"
+            "User-Agent: TwilioProxy/1.1\r\n"
+            "Content-Type: application/x-www-form-urlencoded; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"X-Twilio-Signature: {signature}\r\n"
+            f"I-Twilio-Idempotency-Token: tok-{sid}\r\n\r\n"
+        ).encode() + body
+        target = (local.hostname or "127.0.0.1", local.port or 80)
         for _ in range(5):
+            conn = connections.get(target)
             try:
-                async with self._session.post(
-                    local,
-                    data=params,
-                    headers={"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": f"tok-{sid}"},
-                ) as resp:
-                    if resp.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
+                if conn is None:
+                    conn = connections[target] = await _Connection.open(*target)
+                status = await conn.request(request)
+                if status < 500:
+                    return
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                status = 0
+            if conn is not None and (status == 0 or not conn.alive):
+                conn.close()
+                connections.pop(target, None)
             await asyncio.sleep(0.2)
+
+
+class _Connection:
+    """A keep-alive HTTP/1.1 client connection for callbacks, one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.alive = True
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> _Connection:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def request(self, raw: bytes) -> int:
+        """Send one request; the response's status (its body read and dropped)."""
+        self.writer.write(raw)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise asyncio.IncompleteReadError(b"", None)
+        status = int(status_line.split()[1])
+        length, chunked = None, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = value == b"chunked"
+            elif name == b"connection" and value == b"close":
+                self.alive = False
+        if chunked:
+            while (size := int((await self.reader.readline()).split(b";")[0], 16)) > 0:
+                await self.reader.readexactly(size + 2)
+            await self.reader.readline()
+        elif length is not None:
+            await self.reader.readexactly(length)
+        else:
+            await self.reader.read()
+            self.alive = False
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 async def _serve(port: int, callback_base: str | None, public_base: str) -> None:
