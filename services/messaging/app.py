@@ -24,7 +24,7 @@ class Tuning:
     """Knobs of the background loops (tests shorten the backoff; benches widen the batches)."""
 
     dispatch_batch: int = 200
-    # Dispatch loops per process: while one waits on the provider, another claims and sends.
+    # Batches at the provider at once per process: while they wait on it, the next is claimed.
     dispatch_workers: int = 4
     dispatch_concurrency: int = 200
     poll_seconds: float = 0.5
@@ -38,9 +38,12 @@ class Tuning:
     background: bool = True
     consume_identity_stream: bool = True
     policy_cache_seconds: float = 2.0
-    # Status callbacks wait this long to share a transaction with others arriving meanwhile
-    # (Twilio waits seconds for an answer; each transaction costs the same for 1 or 100).
+    # Under concurrency, status callbacks wait this long to share a transaction with others
+    # arriving meanwhile (Twilio waits seconds for an answer; a transaction's fixed cost is
+    # most of the cost of a small batch). A lone callback never waits.
     status_linger_seconds: float = 0.01
+    # The same for concurrent SendSms calls (a lone call never waits).
+    send_linger_seconds: float = 0.003
 
 
 @dataclass

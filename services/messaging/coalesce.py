@@ -16,9 +16,9 @@ class Coalescer(Generic[T, R]):
     """Queues items from concurrent callers; a flusher runs ``handle(conn, items)`` in one transaction.
 
     While a batch's transaction runs, later items wait and form the next batch (up to
-    ``max_batch``). A caller alone still gets its own transaction at once, or after ``linger``
-    seconds when set. If a batch fails, its items go again one by one, so one bad item fails
-    only its own caller.
+    ``max_batch``). A caller alone still gets its own transaction at once; under concurrency a
+    flush may first ``linger`` to gather more. If a batch fails, its items go again one by one,
+    so one bad item fails only its own caller.
     """
 
     def __init__(
@@ -33,11 +33,13 @@ class Coalescer(Generic[T, R]):
         self._handle = handle
         self.max_batch = max_batch
         self.flushers = flushers
-        # Seconds a flush waits for more items before it starts (each transaction has a fixed
-        # cost; callers that can wait a little share it with more neighbours).
+        # Under concurrency (several callers waiting, or the last batch had several), seconds a
+        # flush waits for more before it starts: each transaction has a fixed cost, and callers
+        # that can wait a little share it with more neighbours. A lone caller never waits.
         self.linger = linger
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._active = 0
+        self._last_batch = 0
 
     async def submit(self, item: T) -> R:
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -63,9 +65,11 @@ class Coalescer(Generic[T, R]):
             # Let callers that are already runnable join this batch.
             await asyncio.sleep(0)
             while self._pending:
-                if self.linger > 0 and len(self._pending) < self.max_batch:
+                busy = len(self._pending) > 1 or self._last_batch > 1
+                if self.linger > 0 and busy and len(self._pending) < self.max_batch:
                     await asyncio.sleep(self.linger)
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                self._last_batch = len(batch)
                 try:
                     async with self._pool.acquire() as conn, conn.transaction():
                         results = await self._handle(conn, [item for item, _ in batch])

@@ -36,21 +36,57 @@ class Dispatcher:
         self.app = app
 
     async def run(self) -> None:
-        """Dispatch until cancelled; sleeps when idle until woken or the poll interval passes."""
-        while True:
-            try:
-                handled = await self.dispatch_once()
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("dispatch_failed", error=repr(exc))
-                handled = 0
-                await asyncio.sleep(1.0)
-            if handled == 0:
-                self.app.wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.app.wakeup.wait(), self.app.tuning.poll_seconds)
+        """Claim due batches until cancelled, with up to ``dispatch_workers`` batches at the provider at once.
+
+        One claimer per process: woken by a new send (or every poll interval), it leases what is
+        due and hands it to a sender task. While every sender is busy, due messages wait and the
+        next claim takes them together, so batches grow with the load; an idle process answers a
+        lone send at once. (One claimer, not one per sender, so a wake-up costs one claim.)
+        """
+        app, tuning = self.app, self.app.tuning
+        slots = asyncio.Semaphore(tuning.dispatch_workers)
+        senders: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            senders.discard(task)
+            slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
+                app.wakeup.clear()
+                try:
+                    claimed, sendable = await self._claim()
+                except (asyncpg.PostgresError, OSError) as exc:
+                    slots.release()
+                    log.warning("dispatch_failed", error=repr(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                if sendable:
+                    task = asyncio.create_task(self._send_logged(sendable))
+                    senders.add(task)
+                    task.add_done_callback(done)
+                else:
+                    slots.release()
+                if claimed == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(app.wakeup.wait(), tuning.poll_seconds)
+        finally:
+            for task in senders:
+                task.cancel()
 
     async def dispatch_once(self) -> int:
-        """One round: lease a batch, hand the allowed ones to the provider, record every outcome."""
+        """One round, start to end: lease a batch, hand the allowed ones to the provider, record every outcome."""
+        claimed, sendable = await self._claim()
+        if sendable:
+            await self._send(sendable)
+        return claimed
+
+    async def _claim(self) -> tuple[int, list[asyncpg.Record]]:
+        """Lease due messages; block the opted-out, hold back the rate-limited and the out-of-window.
+
+        Returns how many were leased, and those to hand to the provider now.
+        """
         app, tuning = self.app, self.app.tuning
         now = app.clock.now()
         blocked: list[DispatchResult] = []
@@ -58,7 +94,7 @@ class Dispatcher:
         async with app.pool.acquire() as conn, conn.transaction():
             rows = await repo.claim_due(conn, now, tuning.dispatch_batch, tuning.lease_seconds)
             if not rows:
-                return 0
+                return 0, []
             by_ws: dict[str, list[asyncpg.Record]] = defaultdict(list)
             for row in rows:
                 if row["sms_subscribed"] is False:
@@ -105,11 +141,16 @@ class Dispatcher:
             if blocked:
                 moved = await repo.record_results(conn, blocked, now)
                 await repo.add_outcomes(conn, _outcomes(moved, now))
-        if sendable:
-            await self._send(sendable)
         if blocked:
             app.wake_outbox()
-        return len(rows)
+        return len(rows), sendable
+
+    async def _send_logged(self, rows: list[asyncpg.Record]) -> None:
+        try:
+            await self._send(rows)
+        except (asyncpg.PostgresError, OSError) as exc:
+            # The results are not recorded; the leases lapse and the messages go again.
+            log.warning("dispatch_record_failed", error=repr(exc), messages=len(rows))
 
     async def _send(self, rows: list[asyncpg.Record]) -> None:
         app, tuning = self.app, self.app.tuning

@@ -64,8 +64,7 @@ def build_module(tuning_factory: Callable[[], Tuning] = Tuning) -> ServiceModule
         dispatcher, outbox, stream = Dispatcher(app), OutboxDeliverer(app), IdentityStream(app)
         rt.state.update(dispatcher=dispatcher, outbox=outbox, identity_stream=stream)
         if app.tuning.background:
-            for n in range(app.tuning.dispatch_workers):
-                rt.spawn(dispatcher.run(), name=f"messaging-dispatcher-{n}")
+            rt.spawn(dispatcher.run(), name="messaging-dispatcher")
             rt.spawn(outbox.run(), name="messaging-outbox")
             rt.spawn(janitor.run(app), name="messaging-retention")
             if app.tuning.consume_identity_stream:

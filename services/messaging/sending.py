@@ -248,7 +248,7 @@ def batcher(app: Messaging) -> Coalescer[SendItem, asyncpg.Record]:
         async def handle(conn: asyncpg.Connection, items: Sequence[SendItem]) -> list[asyncpg.Record]:
             return await gate_and_record(app, conn, items)
 
-        found = app.extra["send_batcher"] = Coalescer(app.pool, handle)
+        found = app.extra["send_batcher"] = Coalescer(app.pool, handle, linger=app.tuning.send_linger_seconds)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -59,7 +60,11 @@ async def test_linger_lets_later_callers_share_the_transaction(db_url: str) -> N
 
     try:
         co: Coalescer[int, int] = Coalescer(pool, handle, linger=0.2)
-        assert await asyncio.gather(co.submit(1), later(co, 2), later(co, 3)) == [1, 2, 3]
+        started = time.perf_counter()
+        assert await co.submit(0) == 0  # alone: no waiting
+        assert time.perf_counter() - started < 0.2
+        # Concurrent callers: the flush waits for the ones a little behind.
+        assert await asyncio.gather(co.submit(1), co.submit(2), later(co, 3), later(co, 4)) == [1, 2, 3, 4]
     finally:
         await pool.close()
-    assert batches == [[1, 2, 3]]
+    assert batches == [[0], [1, 2, 3, 4]]
