@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import asyncpg
 from parley.messaging.v1 import messaging_service_pb2 as pb
+from twilio.request_validator import RequestValidator
 
 from services.messaging.inbound import StatusCallback, apply_callbacks, status_batcher
-from tests.messaging.conftest import Stack
+from tests.messaging.conftest import PUBLIC_BASE, Stack
+from tests.messaging.twilio_standin import ACCOUNT_SID, AUTH_TOKEN
 
 
 async def sent_messages(stack: Stack, prefix: str, phones: Sequence[str]) -> list[pb.Message]:
@@ -159,3 +161,20 @@ async def test_a_burst_for_an_unknown_workspace_is_404_for_each(stack: Stack) ->
     answers = await asyncio.gather(*(stack.status(f"SMu{n}", "delivered", workspace_id=unknown) for n in range(10)))
     assert [a[0] for a in answers] == [404] * 10
     assert (await stack.status("SMbad", "delivered", workspace_id="not-a-uuid"))[0] == 404
+
+
+async def test_a_signature_over_the_url_with_its_default_port_still_verifies(stack: Stack) -> None:
+    [msg] = await sent_messages(stack, "port", ["+12125550501"])
+    path = f"/twilio/status/{stack.workspace.id}"
+    params = {"MessageSid": msg.provider_message_id, "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
+    with_port = PUBLIC_BASE.replace("https://hooks.parley.test", "https://hooks.parley.test:443") + path
+    assert with_port != PUBLIC_BASE + path
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(with_port, params)
+    assert (await stack.webhook("status", params, signature=signature))[0] == 200
+    assert (await stack.get(msg.id)).status == pb.MESSAGE_STATUS_DELIVERED
+    # Signed for another port: refused.
+    [other] = await sent_messages(stack, "port-bad", ["+12125550502"])
+    params["MessageSid"] = other.provider_message_id
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(with_port.replace(":443", ":8443"), params)
+    assert (await stack.webhook("status", params, signature=signature))[0] == 403
+    assert (await stack.get(other.id)).status == pb.MESSAGE_STATUS_SENT
