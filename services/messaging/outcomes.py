@@ -44,15 +44,18 @@ class Outcome:
         return f"{_PREFIX[self.name]}:{self.key}"
 
 
+_BY_STATUS = {
+    "sent": SMS_SENT,
+    "delivered": SMS_DELIVERED,
+    "undelivered": SMS_FAILED,
+    "failed": SMS_FAILED,
+    "blocked": SMS_FAILED,  # refused at hand-off (opted out while it waited)
+}
+
+
 def for_status(status: str) -> str | None:
     """The outcome event a message status change produces, if any."""
-    return {
-        "sent": SMS_SENT,
-        "delivered": SMS_DELIVERED,
-        "undelivered": SMS_FAILED,
-        "failed": SMS_FAILED,
-        "blocked": SMS_FAILED,  # refused at hand-off (opted out while it waited)
-    }.get(status)
+    return _BY_STATUS.get(status)
 
 
 def message_outcome(row: Any, status: str, at: datetime) -> Outcome | None:

@@ -42,7 +42,9 @@ class TwilioStandIn:
     # (the messaging HTTP listener), signed for the public URL it was given.
     callback_base: str | None = None
     public_base: str = ""
-    callback_status: str = "delivered"
+    # The statuses each message reports, posted in this order by one sender (Twilio sends no
+    # callback for the initial "queued"; it reports "sent", then "delivered" or "undelivered").
+    callback_statuses: tuple[str, ...] = ("delivered",)
     callbacks_on: bool = True
     # Callbacks in flight at once, over keep-alive connections (Twilio's webhook senders are a
     # bounded pool too); the rest wait their turn in order.
@@ -146,12 +148,15 @@ class TwilioStandIn:
         try:
             while True:
                 sid, form = await self._callbacks.get()
-                await self._callback(sid, form, connections)
+                for status in self.callback_statuses:
+                    await self._callback(sid, status, form, connections)
         finally:
             for conn in connections.values():
                 conn.close()
 
-    async def _callback(self, sid: str, form: dict[str, str], connections: dict[tuple[str, int], _Connection]) -> None:
+    async def _callback(
+        self, sid: str, status: str, form: dict[str, str], connections: dict[tuple[str, int], _Connection]
+    ) -> None:
         public = form["StatusCallback"]
         # Several bases (comma-separated) are used in turn, like a load balancer over replicas.
         bases = (self.callback_base or "").split(",")
@@ -161,8 +166,8 @@ class TwilioStandIn:
             "MessageSid": sid,
             "SmsSid": sid,
             "AccountSid": self.account_sid,
-            "MessageStatus": self.callback_status,
-            "SmsStatus": self.callback_status,
+            "MessageStatus": status,
+            "SmsStatus": status,
             "To": form["To"],
             "From": form.get("From", ""),
             "ApiVersion": "2010-04-01",
@@ -177,7 +182,7 @@ class TwilioStandIn:
             "Content-Type: application/x-www-form-urlencoded; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n"
             f"X-Twilio-Signature: {signature}\r\n"
-            f"I-Twilio-Idempotency-Token: tok-{sid}\r\n\r\n"
+            f"I-Twilio-Idempotency-Token: tok-{sid}-{status}\r\n\r\n"
         ).encode() + body
         target = (local.hostname or "127.0.0.1", local.port or 80)
         for _ in range(5):
@@ -239,8 +244,8 @@ class _Connection:
         self.writer.close()
 
 
-async def _serve(port: int, callback_base: str | None, public_base: str) -> None:
-    standin = TwilioStandIn(callback_base=callback_base, public_base=public_base, port=port)
+async def _serve(port: int, callback_base: str | None, public_base: str, statuses: tuple[str, ...]) -> None:
+    standin = TwilioStandIn(callback_base=callback_base, public_base=public_base, port=port, callback_statuses=statuses)
     app = web.Application()
     app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", standin._create)
     app.router.add_get("/count", lambda _: _count(standin))
@@ -282,8 +287,9 @@ if __name__ == "__main__":
     parser.add_argument("--callback-base", default=None, help="where to post signed status callbacks")
     parser.add_argument("--public-base", default="", help="the public URL prefix the callbacks are signed for")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--callback-statuses", default="delivered", help="statuses each message reports, in order")
     args = parser.parse_args()
-    serve = _serve(args.port, args.callback_base, args.public_base)
+    serve = _serve(args.port, args.callback_base, args.public_base, tuple(args.callback_statuses.split(",")))
     if args.event_loop == "uvloop":
         import uvloop
 
