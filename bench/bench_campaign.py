@@ -24,6 +24,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
@@ -71,6 +72,36 @@ def log(msg: str) -> None:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine: how loaded it was during a phase."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(parts) - parts[3] - parts[4], sum(parts)
+
+
+async def metered(procs: dict[str, int], phase: Any) -> dict[str, Any]:
+    """Run a latency phase; add each service's CPU seconds per event and the machine's busy share."""
+    before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+    busy0, total0 = machine_jiffies()
+    result: dict[str, Any] = await phase
+    busy1, total1 = machine_jiffies()
+    events = max(1, result["events"])
+    cpu = {name: (cpu_seconds(pid) - before[name]) * 1000 / events for name, pid in procs.items()}
+    result["cpu_ms_per_event"] = {k: round(v, 2) for k, v in cpu.items()}
+    result["machine_busy"] = round((busy1 - busy0) / max(1, total1 - total0), 2)
+    return result
 
 
 def free_port() -> int:
@@ -164,15 +195,30 @@ async def latency_phase(
         latencies: list[float] = []
         for _ in range(300):
             rows = await conn.fetch(
-                """SELECT e.trigger_event->>'message_id' AS mid, extract(epoch FROM m.create_time) AS at
+                """SELECT e.trigger_event->>'message_id' AS mid, extract(epoch FROM m.create_time) AS at,
+                          extract(epoch FROM e.enroll_time) AS enrolled, extract(epoch FROM h.enter_time) AS stepped
                    FROM campaign.enrollments e JOIN messaging.messages m ON m.request_id = e.id::text || ':sms:1'
+                   LEFT JOIN campaign.step_history h
+                          ON h.workspace_id = e.workspace_id AND h.enrollment_id = e.id AND h.step_id = 'sms'
                    WHERE e.trigger_event->>'message_id' LIKE $1""",
                 f"trig-{tag}-%",
             )
             if len(rows) >= len(acks):
                 break
             await asyncio.sleep(0.2)
-        latencies = [(float(r["at"]) - acks[r["mid"]]) * 1000 for r in rows if r["mid"] in acks]
+        done = [r for r in rows if r["mid"] in acks]
+        latencies = [(float(r["at"]) - acks[r["mid"]]) * 1000 for r in done]
+        # Where the time goes: ack → the consumer's batch (the enrollment's enroll_time), → the step's
+        # start (the timer claim, or the in-process run after the enrolling commit), → messaging's row.
+        stages = {
+            "stream": [(float(r["enrolled"]) - acks[r["mid"]]) * 1000 for r in done],
+            "to_step": [(float(r["stepped"]) - float(r["enrolled"])) * 1000 for r in done if r["stepped"]],
+            "send": [(float(r["at"]) - float(r["stepped"])) * 1000 for r in done if r["stepped"]],
+        }
+        log(
+            "stages p50/p99 ms: "
+            + ", ".join(f"{k} {pct(v, 0.5):.1f}/{pct(v, 0.99):.1f}" for k, v in stages.items() if v)
+        )
     finally:
         await conn.close()
     return {
@@ -300,9 +346,14 @@ async def main() -> None:
         camp_ch = grpc.aio.insecure_channel(f"127.0.0.1:{ports['campaign']}")
         campaigns = CampaignServiceStub(camp_ch)
         await live(campaigns, md, "send-now", SEND_NOW)
-        half = await latency_phase(url, IngestServiceStub(ingest_ch), md, RATE / 2, HALF_SECONDS, "half", 2_000_000)
+        pids = dict(zip(("identity", "messaging", "ingest", "campaign"), (p.pid for p in procs), strict=True))
+        half = await metered(
+            pids, latency_phase(url, IngestServiceStub(ingest_ch), md, RATE / 2, HALF_SECONDS, "half", 2_000_000)
+        )
         log(f"latency at half rate: {json.dumps(half)}")
-        lat = await latency_phase(url, IngestServiceStub(ingest_ch), md, RATE, SECONDS, "full", 3_000_000)
+        lat = await metered(
+            pids, latency_phase(url, IngestServiceStub(ingest_ch), md, RATE, SECONDS, "full", 3_000_000)
+        )
         log(f"latency: {json.dumps(lat)}")
 
         timer_campaign = await live(campaigns, md, "timers", TIMER_FLOW)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time as _time
 import uuid
@@ -93,6 +94,8 @@ class Run:
     history: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     contact: ContactInfo | None = None
     sends: int = 0
+    # A read of the contact started while the enrollment was being committed (fresh runs).
+    prefetch: asyncio.Future[ContactInfo | None] | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -114,21 +117,34 @@ class Engine:
         concurrency: int = 64,
         contact_ttl: float = 2.0,
         live_ttl: float = 1.0,
+        run_fresh: bool = False,
+        max_open_runs: int = 0,
     ) -> None:
         self.pool = pool
         self.effects = effects
         self.clock = clock
         self.batch_size = batch_size
         self._sem = asyncio.Semaphore(concurrency)
+        self._prefetch_sem = asyncio.Semaphore(concurrency)
+        # Timer batches and fresh runs each hold a pool connection in a transaction while their
+        # steps may borrow another (the frequency cap's count, a version read): this many at once
+        # at most (0: no limit), so some connections always stay free for those borrowers.
+        self._open_runs = asyncio.Semaphore(max_open_runs) if max_open_runs > 0 else None
         self._graphs: dict[tuple[str, str, int], Graph] = {}
         self._wake = asyncio.Event()
         self._contacts = _ContactCache(contact_ttl)
         # Which campaigns are live, re-read at most every live_ttl seconds (publishing through
         # another replica shows up here within that time).
         self.live_ttl = live_ttl
-        self._live: tuple[float, list[Any]] | None = None
+        self._live: tuple[float, list[Any], dict[str, frozenset[str]]] | None = None
         self.events_seen = 0
         self.steps_run = 0
+        # Fresh enrollments this replica committed, run by ``fresh_loop`` right after the commit
+        # instead of waiting for a timer worker (whose claim stays the fallback).
+        self.run_fresh = run_fresh
+        self._fresh: list[_Fresh] = []
+        self._fresh_ready = asyncio.Event()
+        self.fresh_run = 0
 
     # ---------------------------------------------------------------------------------- graphs
 
@@ -146,8 +162,32 @@ class Engine:
     async def _live_campaigns(self) -> list[Any]:
         now = _time.monotonic()
         if self._live is None or now >= self._live[0]:
-            self._live = (now + self.live_ttl, await repository.live_campaigns(self.pool))
+            live = await repository.live_campaigns(self.pool)
+            # Read after the live list, so every version anyone can be enrolled on is in it.
+            keys = [
+                (str(v["workspace_id"]), str(v["campaign_id"]), v["version"])
+                for v in await repository.all_versions(self.pool)
+            ]
+            missing = [k for k in keys if k not in self._graphs]
+            if missing:
+                for v in await repository.get_versions(self.pool, missing):
+                    key = (str(v["workspace_id"]), str(v["campaign_id"]), v["version"])
+                    self._graphs[key] = Graph.of(definition_from_stored(v["definition"]))
+            watched: dict[str, set[str]] = {}
+            for k in keys:
+                graph = self._graphs.get(k)
+                if graph is not None:
+                    watched.setdefault(k[0], set()).update(_watched_names(graph))
+            self._live = (now + self.live_ttl, live, {ws: frozenset(n) for ws, n in watched.items()})
         return self._live[1]
+
+    def _matters_to_existing(self, workspace_id: str, name: str) -> bool:
+        """Whether an event of this name can exit, convert or wake an enrollment of any version.
+
+        (Delivery and task outcomes are matched by message and task id, not through enrollments.)
+        """
+        watched = self._live[2] if self._live is not None else None
+        return watched is None or name in watched.get(workspace_id, frozenset())
 
     def campaigns_changed(self) -> None:
         """Forget the live-campaign list (this replica published, paused or resumed one)."""
@@ -171,7 +211,7 @@ class Engine:
     async def tick(self, now: datetime | None = None) -> int:
         """Claim one batch of due enrollments (SKIP LOCKED), advance each, commit; returns how many."""
         now = now or self.clock.now()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._holding(), self.pool.acquire() as conn, conn.transaction():
             rows = await repository.claim_due(conn, now, self.batch_size)
             if not rows:
                 return 0
@@ -180,6 +220,9 @@ class Engine:
             await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
         self.steps_run += len(runs)
         return len(runs)
+
+    def _holding(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._open_runs if self._open_runs is not None else contextlib.nullcontext()
 
     async def timer_loop(self, workers: int = 4, poll: float = 0.25) -> None:
         """Production loop: drain due work with several workers, then sleep until woken or ``poll``."""
@@ -303,6 +346,12 @@ class Engine:
         if run.contact is None:
             key = (str(run.workspace_id), run.contact_id)
             run.contact = self._contacts.get(key)
+            if run.contact is None and run.prefetch is not None:
+                prefetch, run.prefetch = run.prefetch, None
+                try:
+                    run.contact = await prefetch
+                except Exception:
+                    run.contact = None  # read it again below; a failure there retries the step
             if run.contact is None:
                 run.contact = await self.effects.get_contact(*key)
             if run.contact is not None:
@@ -458,14 +507,35 @@ class Engine:
         plan = _Plan()
         if with_contact:
             await self._plan(with_contact, now, plan)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await repository.apply_plan(conn, plan, now)
-            await repository.advance_cursor(conn, CONSUMER, cursor_before, cursor_after)
-            if plan.enrollments or plan.wakes:
-                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        # Enrollments this replica runs itself need no other worker woken for them.
+        notify = bool(plan.wakes or (plan.enrollments and not self.run_fresh))
+        try:
+            # Most batches only enroll (or decide nothing): one statement, one round trip.
+            fast = repository.only_enrollments(plan) and await repository.commit_enrollments(
+                self.pool,
+                plan.enrollments,
+                CONSUMER,
+                cursor_before,
+                cursor_after,
+                notify=NOTIFY_CHANNEL if notify else "",
+            )
+            if not fast:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await repository.apply_plan(conn, plan, now)
+                    await repository.advance_cursor(conn, CONSUMER, cursor_before, cursor_after)
+                    if notify:
+                        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        except BaseException:
+            for f in plan.fresh:
+                if f.prefetch is not None:
+                    f.prefetch.cancel()
+            raise
         self.events_seen += len(events)
-        if plan.enrollments or plan.wakes:
+        if notify:
             self.wake()
+        if plan.fresh:
+            self._fresh.extend(plan.fresh)
+            self._fresh_ready.set()
         return len(plan.enrollments)
 
     async def _plan(self, events: Sequence[id_pb.StoredEvent], now: datetime, plan: _Plan) -> None:
@@ -473,22 +543,40 @@ class Engine:
         by_ws: dict[str, list[tuple[str, int]]] = {}
         for r in live:
             by_ws.setdefault(str(r["workspace_id"]), []).append((str(r["id"]), r["live_version"]))
-        pairs = sorted({(e.workspace_id, e.contact_id) for e in events})
-        existing = await repository.contact_enrollments(self.pool, pairs, now - timedelta(days=400))
-        # (ws, contact) -> enrollments (newest first) as mutable dicts.
-        known: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r in existing:
-            known.setdefault((str(r["workspace_id"]), r["contact_id"]), []).append(dict(r))
-        # Contacts are read once per batch, concurrently, only for events that trigger something.
+        # A contact's enrollments are read only where they can matter: its event may exit, convert
+        # or wake one, or it triggers a campaign whose re-entry policy looks at earlier ones. An
+        # event that only triggers ``any_time`` campaigns needs none: the partial unique index
+        # already refuses a second active enrollment when the insert meets one.
+        history: set[tuple[str, str]] = set()
+        # Contacts are read once per batch, concurrently, only for events that trigger something:
+        # awaited where enrolling depends on them (an audience); otherwise, for fresh runs, started
+        # now and left running beside the enrollment query and commit, for the first step to use.
         wanted: set[tuple[str, str]] = set()
+        early: set[tuple[str, str]] = set()
         for se in events:
             data = event_data(se.event)
             for campaign_id, version in by_ws.get(se.workspace_id, []):
                 graph = await self.graph(se.workspace_id, campaign_id, version)
-                if graph is not None and _needs_contact(graph) and self._triggers(graph, se.event, data):
-                    wanted.add((se.workspace_id, se.contact_id))
-                    break
-        contacts = await self._fetch_contacts(wanted)
+                if graph is None or not self._triggers(graph, se.event, data):
+                    continue
+                key = (se.workspace_id, se.contact_id)
+                if graph.definition.re_entry.policy != pb.RE_ENTRY_POLICY_ANY_TIME:
+                    history.add(key)
+                if _needs_contact(graph):
+                    wanted.add(key)
+                elif self.run_fresh and _first_step_needs_contact(graph):
+                    early.add(key)
+            if self._matters_to_existing(se.workspace_id, se.event.name):
+                history.add((se.workspace_id, se.contact_id))
+        prefetch = {key: self._prefetch(*key) for key in early - wanted}
+        existing, contacts = await asyncio.gather(
+            repository.contact_enrollments(self.pool, sorted(history), now - timedelta(days=400)),
+            self._fetch_contacts(wanted),
+        )
+        # (ws, contact) -> enrollments (newest first) as mutable dicts.
+        known: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in existing:
+            known.setdefault((str(r["workspace_id"]), r["contact_id"]), []).append(dict(r))
 
         for se in events:
             ev = se.event
@@ -530,6 +618,92 @@ class Engine:
                 plan.enrollments.append(row)
                 mine.insert(0, row)
                 known[key] = mine
+                if self.run_fresh:
+                    plan.fresh.append(self._fresh_entry(row, graph, contact, prefetch.get(key)))
+
+    def _fresh_entry(
+        self,
+        row: dict[str, Any],
+        graph: Graph,
+        contact: ContactInfo | None,
+        started: asyncio.Task[ContactInfo | None] | None,
+    ) -> _Fresh:
+        """A fresh enrollment to run after the commit, with the contact read already under way."""
+        prefetch: asyncio.Future[ContactInfo | None] | None = started
+        if contact is not None:
+            prefetch = asyncio.get_running_loop().create_future()
+            prefetch.set_result(contact)
+        elif prefetch is None and _first_step_needs_contact(graph):
+            prefetch = self._prefetch(row["workspace_id"], row["contact_id"])
+        return _Fresh(row["workspace_id"], row["id"], prefetch)
+
+    def _prefetch(self, workspace_id: str, contact_id: str) -> asyncio.Task[ContactInfo | None]:
+        task = asyncio.create_task(self._read_contact(workspace_id, contact_id))
+        # Awaited by the run; if nothing runs here (no enrollment after all, or another replica
+        # claimed the row), its outcome is dropped quietly.
+        task.add_done_callback(_quiet)
+        return task
+
+    async def _read_contact(self, workspace_id: str, contact_id: str) -> ContactInfo | None:
+        # Its own limit: runs holding ``_sem`` wait on these reads.
+        async with self._prefetch_sem:
+            return await self.effects.get_contact(workspace_id, contact_id)
+
+    async def fresh_loop(self, runners: int = 2) -> None:
+        """Run fresh enrollments as the consumer commits them: each runner takes all that are queued."""
+
+        async def runner() -> None:
+            while True:
+                await self._fresh_ready.wait()
+                batch = self._take_fresh()
+                if not batch:
+                    continue
+                try:
+                    await self.run_fresh_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Nothing is lost: the rows are due, and a timer worker claims them.
+                    log.exception("fresh_run_failed")
+                    self.wake()
+
+        await asyncio.gather(*(runner() for _ in range(runners)))
+
+    def _take_fresh(self) -> list[_Fresh]:
+        batch = self._fresh[: self.batch_size]
+        del self._fresh[: self.batch_size]
+        if not self._fresh:
+            self._fresh_ready.clear()
+        return batch
+
+    async def run_fresh_queued(self) -> int:
+        """Run every fresh enrollment queued so far (what ``fresh_loop`` does; tests call it directly)."""
+        total = 0
+        while batch := self._take_fresh():
+            total += await self.run_fresh_batch(batch)
+        return total
+
+    async def run_fresh_batch(self, batch: Sequence[_Fresh]) -> int:
+        """Claim these just-committed enrollments (SKIP LOCKED, still at their first step), advance, commit.
+
+        Exactly the timer path with the rows named instead of searched for: a row another
+        worker holds, or already moved on, is skipped here, and a crash before this commit
+        leaves the row due, for a timer worker to run with the same request ids.
+        """
+        now = self.clock.now()
+        prefetched = {(str(f.workspace_id), str(f.enrollment_id)): f.prefetch for f in batch}
+        async with self._holding(), self.pool.acquire() as conn, conn.transaction():
+            rows = await repository.claim_fresh(conn, [(f.workspace_id, f.enrollment_id) for f in batch], now)
+            if not rows:
+                return 0
+            runs = [Run(dict(r)) for r in rows]
+            for run in runs:
+                run.prefetch = prefetched.get((str(run.workspace_id), str(run.id)))
+            await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
+            await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
+        self.steps_run += len(runs)
+        self.fresh_run += len(runs)
+        return len(runs)
 
     async def _fetch_contacts(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], ContactInfo | None]:
         async def one(key: tuple[str, str]) -> tuple[tuple[str, str], ContactInfo | None]:
@@ -679,6 +853,40 @@ class _Plan:
     conversions: list[tuple[str, str]] = field(default_factory=list)
     deliveries: list[tuple[str, str, str]] = field(default_factory=list)
     tasks_done: list[tuple[str, str]] = field(default_factory=list)
+    fresh: list[_Fresh] = field(default_factory=list)
+
+
+@dataclass
+class _Fresh:
+    """An enrollment just committed by this replica's consumer, to run at once."""
+
+    workspace_id: str
+    enrollment_id: str
+    prefetch: asyncio.Future[ContactInfo | None] | None = None
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _watched_names(graph: Graph) -> set[str]:
+    """Event names that act on existing enrollments of this version: exit, goal, awaited events."""
+    d = graph.definition
+    names = {m.name for m in d.exit_events}
+    if d.HasField("goal"):
+        names.add(d.goal.event.name)
+    for step in graph.steps.values():
+        if kind_of(step) == "wait_for_event":
+            names.add(step.wait_for_event.event.name)
+    names.discard("")
+    return names
+
+
+def _first_step_needs_contact(graph: Graph) -> bool:
+    """Whether the first step reads the contact now (a wait holds first and reads it later, if at all)."""
+    step = graph.steps.get(graph.start)
+    return step is not None and kind_of(step) not in ("wait", "wait_for_event", "exit", "split")
 
 
 def _needs_contact(graph: Graph) -> bool:

@@ -19,6 +19,8 @@ from services.common.server import Runtime, ServiceModule
 # How often each replica polls for due timers when nothing wakes it (NOTIFY does, sooner).
 POLL_SECONDS = 0.25
 TIMER_WORKERS = 4
+# Runners of fresh enrollments: each takes everything the consumer committed meanwhile.
+FRESH_RUNNERS = 4
 
 
 def make_module(
@@ -29,7 +31,17 @@ def make_module(
 
     def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
         fx = effects or GrpcEffects(rt.settings, rt.internal_token)
-        engine = Engine(rt.pool, fx, engine_clock)
+        # A replica that runs timers also runs the first steps of what its consumer enrolls,
+        # right after the commit; tests driving time by hand run everything through run_due.
+        engine = Engine(
+            rt.pool,
+            fx,
+            engine_clock,
+            run_fresh=run_timers,
+            # Two connections stay with the consumer's lock and the NOTIFY listener; two more
+            # for the consumer's batches and what running steps borrow.
+            max_open_runs=max(2, rt.settings.db_pool_max - 4),
+        )
         rt.state["engine"] = engine
         rt.state["effects"] = fx
         campaign_service_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(rt.pool, engine), server)
@@ -54,6 +66,7 @@ def make_module(
 
             rt.on_stop(_release)
             rt.spawn(engine.timer_loop(TIMER_WORKERS, POLL_SECONDS), name="campaign-timers")
+            rt.spawn(engine.fresh_loop(FRESH_RUNNERS), name="campaign-fresh")
         if consume and isinstance(fx, GrpcEffects):
             identity = fx.identity
             md = fx.md(None)

@@ -231,6 +231,23 @@ async def live_campaigns(conn: Conn) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT workspace_id, id, live_version FROM campaign.campaigns WHERE state = 'live'")
 
 
+async def all_versions(conn: Conn) -> list[asyncpg.Record]:
+    """Every published version's key: which events can act on existing enrollments comes from these."""
+    return await conn.fetch("SELECT workspace_id, campaign_id, version FROM campaign.campaign_versions")
+
+
+async def get_versions(conn: Conn, keys: Sequence[tuple[Any, Any, int]]) -> list[asyncpg.Record]:
+    """Definitions of these (workspace, campaign, version) keys, in one query."""
+    return await conn.fetch(
+        """SELECT v.workspace_id, v.campaign_id, v.version, v.definition FROM campaign.campaign_versions v
+           JOIN unnest($1::uuid[], $2::uuid[], $3::int[]) AS k(workspace_id, campaign_id, version)
+             ON v.workspace_id = k.workspace_id AND v.campaign_id = k.campaign_id AND v.version = k.version""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+    )
+
+
 # ---------------------------------------------------------------------------------- the timer queue
 
 _ENROLLMENT_COLS = """workspace_id, id, campaign_id, version, contact_id, state, step_id, visit, phase, due_at,
@@ -256,6 +273,26 @@ async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list
             ORDER BY e.due_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED""",
         now,
         limit,
+    )
+
+
+async def claim_fresh(conn: asyncpg.Connection, keys: Sequence[tuple[Any, Any]], now: datetime) -> list[asyncpg.Record]:
+    """Lock these enrollments if they are still due to enter a step, as ``claim_due`` would.
+
+    Rows another worker holds are skipped; rows it already ran are no longer in phase
+    ``enter`` (or are due later), so they are left alone too.
+    """
+    return await conn.fetch(
+        f"""SELECT {_prefixed("e")} FROM campaign.enrollments e
+            JOIN unnest($1::uuid[], $2::uuid[]) AS k(workspace_id, id)
+              ON e.workspace_id = k.workspace_id AND e.id = k.id
+            WHERE e.state = 'active' AND NOT e.paused AND e.phase = 'enter' AND e.due_at <= $3
+              AND EXISTS (SELECT 1 FROM campaign.campaigns c
+                          WHERE c.workspace_id = e.workspace_id AND c.id = e.campaign_id AND c.state = 'live')
+            FOR UPDATE OF e SKIP LOCKED""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        now,
     )
 
 
@@ -378,34 +415,68 @@ async def contact_enrollments(conn: Conn, pairs: Sequence[tuple[str, str]], sinc
     )
 
 
+# The partial unique index keeps one active enrollment per contact per campaign even against a
+# concurrent writer: a conflicting row is simply not enrolled.
+_INSERT_ENROLLMENTS = """INSERT INTO campaign.enrollments
+       (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at, trigger_event, phone,
+        time_zone, enroll_time)
+   SELECT u.workspace_id, u.id, u.campaign_id, u.version, u.contact_id, u.step_id, 'enter', u.enroll_time,
+          u.trigger_event::jsonb, u.phone, u.time_zone, u.enroll_time
+   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[],
+               $8::text[], $9::text[], $10::timestamptz[])
+        AS u(workspace_id, id, campaign_id, version, contact_id, step_id, trigger_event, phone, time_zone,
+             enroll_time)"""
+
+
+def _enrollment_args(e: Sequence[dict[str, Any]]) -> list[Any]:
+    return [
+        [r["workspace_id"] for r in e],
+        [r["id"] for r in e],
+        [r["campaign_id"] for r in e],
+        [r["version"] for r in e],
+        [r["contact_id"] for r in e],
+        [r["step_id"] for r in e],
+        [json.dumps(r["trigger_event"]) for r in e],
+        [r["phone"] for r in e],
+        [r["time_zone"] for r in e],
+        [r["enroll_time"] for r in e],
+    ]
+
+
+def only_enrollments(plan: _Plan) -> bool:
+    """Whether a batch decided nothing but new enrollments (the common case: ``commit_enrollments``)."""
+    return not (plan.exits or plan.wakes or plan.conversions or plan.deliveries or plan.tasks_done)
+
+
+async def commit_enrollments(
+    conn: Conn, enrollments: Sequence[dict[str, Any]], consumer: str, before: str, after: str, *, notify: str = ""
+) -> bool:
+    """Insert enrollments and move the cursor (compare-and-set) in one statement, so one round trip.
+
+    The insert happens only if the cursor moved; returns False (nothing written) when it did
+    not, and the caller takes the general path, which tells a missing cursor row from a
+    cursor another consumer moved.
+    """
+    args = _enrollment_args(enrollments)
+    n = len(args)
+    moved = await conn.fetchval(
+        f"""WITH cur AS (UPDATE campaign.stream_cursors SET cursor = ${n + 3}, update_time = now()
+                         WHERE consumer = ${n + 1} AND cursor = ${n + 2} RETURNING 1),
+                 ins AS ({_INSERT_ENROLLMENTS} WHERE EXISTS (SELECT 1 FROM cur) ON CONFLICT DO NOTHING RETURNING 1)
+            SELECT EXISTS (SELECT 1 FROM cur) AND (${n + 4} = '' OR pg_notify(${n + 4}, '') IS NOT NULL)""",
+        *args,
+        consumer,
+        before,
+        after,
+        notify,
+    )
+    return bool(moved)
+
+
 async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> None:
     """Write what one batch of events decided, in the caller's transaction."""
     if plan.enrollments:
-        e = plan.enrollments
-        # The partial unique index keeps one active enrollment per contact per campaign even
-        # against a concurrent writer: a conflicting row is simply not enrolled.
-        await conn.execute(
-            """INSERT INTO campaign.enrollments
-                   (workspace_id, id, campaign_id, version, contact_id, step_id, phase, due_at, trigger_event, phone,
-                    time_zone, enroll_time)
-               SELECT u.workspace_id, u.id, u.campaign_id, u.version, u.contact_id, u.step_id, 'enter', u.enroll_time,
-                      u.trigger_event::jsonb, u.phone, u.time_zone, u.enroll_time
-               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[],
-                           $8::text[], $9::text[], $10::timestamptz[])
-                    AS u(workspace_id, id, campaign_id, version, contact_id, step_id, trigger_event, phone, time_zone,
-                         enroll_time)
-               ON CONFLICT DO NOTHING""",
-            [r["workspace_id"] for r in e],
-            [r["id"] for r in e],
-            [r["campaign_id"] for r in e],
-            [r["version"] for r in e],
-            [r["contact_id"] for r in e],
-            [r["step_id"] for r in e],
-            [json.dumps(r["trigger_event"]) for r in e],
-            [r["phone"] for r in e],
-            [r["time_zone"] for r in e],
-            [r["enroll_time"] for r in e],
-        )
+        await conn.execute(f"{_INSERT_ENROLLMENTS} ON CONFLICT DO NOTHING", *_enrollment_args(plan.enrollments))
     if plan.exits:
         rows = await conn.fetch(
             """UPDATE campaign.enrollments e SET state = 'exited', exit_reason = u.reason, end_time = $4, due_at = NULL,
