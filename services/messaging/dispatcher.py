@@ -50,6 +50,8 @@ class Dispatcher:
         def done(task: asyncio.Task[None]) -> None:
             senders.discard(task)
             slots.release()
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("dispatch_send_failed", error=repr(exc))
 
         try:
             while True:
