@@ -22,9 +22,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (a round trip and a commit per release).
+
+    The pool still rolls back a transaction left open and drops listener callbacks; what the
+    default query also clears — session settings, session advisory locks, LISTENs, cursors —
+    Parley code never leaves behind on a released connection: settings are ``SET LOCAL``,
+    advisory locks are transaction-scoped or released in ``finally``, and the one LISTEN on a
+    pooled connection stays until the service stops.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections map json/jsonb to Python objects."""
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session
+    )
     assert pool is not None
     return pool
 
