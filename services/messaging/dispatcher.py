@@ -8,18 +8,19 @@ import dataclasses
 import random
 from collections import defaultdict
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 
 from services.common.phones import time_zone_of
+from services.common.sendwindow import SendWindow
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.providers import ACCEPTED, FAILED, OutboundSms, SendResult
 from services.messaging.repository import DispatchResult
 from services.messaging.status import BLOCKED, QUEUED, SENT, advances
-from services.messaging.window import next_send_time
 
 log = structlog.get_logger(__name__)
 
@@ -121,13 +122,9 @@ class Dispatcher:
                 # The window is checked again at hand-off: a retry or a rate-limited wait may have
                 # carried a message past its window's end. It waits for the next start.
                 open_now = []
+                window = SendWindow.parse(policy.send_window_start, policy.send_window_end)
                 for row in group:
-                    due = next_send_time(
-                        now,
-                        row["time_zone"] or time_zone_of(row["phone"], "UTC"),
-                        policy.send_window_start,
-                        policy.send_window_end,
-                    )
+                    due = window.next_opening(now, ZoneInfo(row["time_zone"] or time_zone_of(row["phone"], "UTC")))
                     if due is None:
                         open_now.append(row)
                     else:

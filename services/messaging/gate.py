@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
-from services.messaging.window import next_send_time
+from services.common.sendwindow import SendWindow
 
 OPTED_OUT = "opted_out"
 NO_OPT_IN = "no_opt_in"
@@ -67,5 +68,6 @@ def decide(policy: Policy, given: GateInput) -> Decision:
         return Decision(False, NO_OPT_IN)
     if policy.daily_cap > 0 and given.sent_last_24h >= policy.daily_cap:
         return Decision(False, DAILY_CAP)
-    due = next_send_time(given.now, given.zone, policy.send_window_start, policy.send_window_end)
+    window = SendWindow.parse(policy.send_window_start, policy.send_window_end)
+    due = window.next_opening(given.now, ZoneInfo(given.zone))
     return Decision(True, due_time=due)

@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument, Violation
+from services.common.sendwindow import parse_hhmm
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
 from services.messaging.gate import Policy
-from services.messaging.window import parse_hhmm
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 

@@ -1,4 +1,4 @@
-"""The send window in the contact's local time, and the gate's decisions."""
+"""The gate's decisions (the send window itself: tests/common/test_sendwindow.py)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,8 @@ import pytest
 from services.common.phones import time_zone_of
 from services.messaging import gate
 from services.messaging.consent import consents_from_traits
-from services.messaging.window import next_send_time
 
 NY = "America/New_York"
-
-
-def test_inside_window_is_now() -> None:
-    assert next_send_time(datetime(2026, 6, 15, 16, 0, tzinfo=UTC), NY, "08:00", "21:00") is None
-
-
-def test_before_window_waits_for_todays_start() -> None:
-    # 05:00 in New York (EDT, UTC-4) -> 08:00 local = 12:00 UTC the same day.
-    due = next_send_time(datetime(2026, 6, 15, 9, 0, tzinfo=UTC), NY, "08:00", "21:00")
-    assert due == datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
-
-
-def test_after_window_waits_for_tomorrows_start() -> None:
-    # 22:30 in New York -> 08:00 tomorrow.
-    due = next_send_time(datetime(2026, 6, 16, 2, 30, tzinfo=UTC), NY, "08:00", "21:00")
-    assert due == datetime(2026, 6, 16, 12, 0, tzinfo=UTC)
-
-
-def test_window_across_midnight_and_always_open() -> None:
-    at = datetime(2026, 6, 15, 16, 0, tzinfo=UTC)  # 12:00 NY
-    assert next_send_time(at, NY, "20:00", "02:00") == datetime(2026, 6, 16, 0, 0, tzinfo=UTC)
-    assert next_send_time(at, NY, "00:00", "00:00") is None
 
 
 def test_zone_of_phone() -> None:
