@@ -85,6 +85,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of ``root`` (with its reaped children) and its live children: Postgres' postmaster and backends."""
+    try:
+        fields = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    total = sum(int(x) for x in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat[1]) == root:
+                total += (int(stat[11]) + int(stat[12])) / TICKS
+    return total
+
+
+def postmaster_pid() -> int:
+    """The embedded Postgres server's postmaster (0 when PARLEY_DATABASE_URL names another server)."""
+    pid_file = ROOT / ".parley" / "bench" / "pgdata" / "postmaster.pid"
+    if os.environ.get("PARLEY_DATABASE_URL") or not pid_file.exists():
+        return 0
+    return int(pid_file.read_text().split()[0])
+
+
 def machine_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine: how loaded it was during a phase."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -93,12 +119,16 @@ def machine_jiffies() -> tuple[int, int]:
 
 async def metered(procs: dict[str, int], phase: Any) -> dict[str, Any]:
     """Run a latency phase; add each service's CPU seconds per event and the machine's busy share."""
+    pg = postmaster_pid()
     before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+    pg_before = tree_cpu_seconds(pg) if pg else 0.0
     busy0, total0 = machine_jiffies()
     result: dict[str, Any] = await phase
     busy1, total1 = machine_jiffies()
     events = max(1, result["events"])
     cpu = {name: (cpu_seconds(pid) - before[name]) * 1000 / events for name, pid in procs.items()}
+    if pg:
+        cpu["postgres"] = (tree_cpu_seconds(pg) - pg_before) * 1000 / events
     result["cpu_ms_per_event"] = {k: round(v, 2) for k, v in cpu.items()}
     result["machine_busy"] = round((busy1 - busy0) / max(1, total1 - total0), 2)
     return result
@@ -231,6 +261,7 @@ async def latency_phase(
         "p50": pct(latencies, 0.5) if latencies else float("nan"),
         "p99": pct(latencies, 0.99) if latencies else float("nan"),
         "max": max(latencies) if latencies else float("nan"),
+        "stages": {k: (pct(v, 0.5), pct(v, 0.99)) for k, v in stages.items() if v},
     }
 
 
@@ -397,6 +428,20 @@ async def main() -> None:
             f"{r['sent']:.0f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {r['max']:.1f} ms | "
             f"{'met' if ok else 'not met'} |"
         )
+    print()
+    print(
+        "Where the time goes, p50 / p99 ms: *stream* from ingest's ack to the campaign consumer's batch "
+        "(identity's commit, its stream, the consumer's queue); *to step* from there to the step's start "
+        "(enrollment query and commit, then the fresh run's start); *send* from there to messaging's row "
+        "(claim, contact read, SendSms). CPU is milliseconds per event of each process over the phase "
+        "(contact creation included), and the machine's busy share.\n"
+    )
+    print("| rate | stream | to step | send | CPU ms/event | machine busy |\n|---|---|---|---|---|---|")
+    for r in (half, lat):
+        st = r.get("stages", {})
+        cells = [f"{st[k][0]:.1f} / {st[k][1]:.1f}" if k in st else "-" for k in ("stream", "to_step", "send")]
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_event"].items())
+        print(f"| {r['rate']:.0f}/s | {' | '.join(cells)} | {cpu} | {r['machine_busy']:.0%} |")
     print()
     print(
         f"Timer drain: {TIMERS:,} enrollments waiting at a `wait` step, made due in one statement; each "
