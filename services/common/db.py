@@ -36,7 +36,17 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections map json/jsonb to Python objects."""
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        reset=_keep_session,
+        # asyncpg prepares every statement, and after five runs PostgreSQL may switch one to a
+        # generic plan chosen without its arguments — often while tables are still small. For
+        # the array-driven batch statements every service runs, that plan scans whole tables
+        # (measured: 5.9 ms against 1.0 ms of backend CPU per small identity batch; trigger-to-send
+        # p99 at 200 events/s 174 ms against 61 ms). Planning each run costs far less.
+        server_settings={"plan_cache_mode": "force_custom_plan"},
     )
     assert pool is not None
     return pool

@@ -81,11 +81,7 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
     )
     # The events lock comes first, before this transaction has an xid: stream readers rely on
     # every transaction that can add events holding it whenever it has an xid.
-    # Custom plans always: a generic plan for these array-driven statements (which Postgres may
-    # switch to after a few calls, e.g. while the tables are still small) scans whole tables.
-    await conn.execute(
-        "LOCK TABLE identity.events IN ROW EXCLUSIVE MODE; SET LOCAL plan_cache_mode = force_custom_plan"
-    )
+    await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
     await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", keys)
 
     id_list = sorted(ids)

@@ -24,3 +24,11 @@ async def test_released_connection_rolls_back_an_open_transaction(
             assert await again.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
     finally:
         await pool.close()
+
+
+async def test_statements_are_planned_with_their_arguments(new_database: Callable[[], Awaitable[str]]) -> None:
+    pool = await create_pool(await new_database(), max_size=1)
+    try:
+        assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await pool.close()
