@@ -15,6 +15,7 @@ from parley.campaign.v1 import campaign_service_pb2 as pb
 from services.campaign import template, timing
 from services.campaign.conditions import filter_problem
 from services.common.errors import InvalidArgument, Violation
+from services.common.sendwindow import SendWindow, parse_hhmm
 
 STEP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 # Steps that take time: a cycle must pass through one of them.
@@ -261,12 +262,12 @@ def _policies(d: pb.CampaignDefinition, p: Any) -> Iterator[Violation]:
     for name, value in (("start", w.start), ("end", w.end)):
         if value:
             try:
-                timing.parse_time_of_day(value)
+                parse_hhmm(value)
             except ValueError as exc:
                 start_ok, end_ok = (False, end_ok) if name == "start" else (start_ok, False)
                 yield Violation(p(f"send_window.{name}"), str(exc))
     if start_ok and end_ok:
-        window = timing.Window.parse(w.start, w.end)
+        window = SendWindow.parse(w.start, w.end)
         if window.start >= window.end:
             yield Violation(p("send_window"), "start must be before end")
     if d.HasField("goal"):
@@ -317,7 +318,7 @@ def _step(step: pb.Step, path: str, event_triggered: bool) -> Iterator[Violation
         yield from _duration(step.wait.duration, f"{path}.wait.duration")
     elif kind == "wait_until":
         try:
-            timing.parse_time_of_day(step.wait_until.time)
+            parse_hhmm(step.wait_until.time)
         except ValueError as exc:
             yield Violation(f"{path}.wait_until.time", str(exc))
         for i, day in enumerate(step.wait_until.weekdays):

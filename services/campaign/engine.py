@@ -24,6 +24,7 @@ from services.campaign import conditions, repository, template, timing
 from services.campaign.clock import Clock
 from services.campaign.definition import Graph, definition_from_stored, kind_of
 from services.campaign.effects import ContactInfo, Effects
+from services.common.sendwindow import SendWindow, parse_hhmm
 
 log = structlog.get_logger("parley.campaign.engine")
 
@@ -380,7 +381,7 @@ class Engine:
             contact = await self._contact(run)
             tz = timing.zone(contact.time_zone if contact else run.row["time_zone"])
             at = timing.next_time_of_day(
-                now, timing.parse_time_of_day(step.wait_until.time), [w.lower() for w in step.wait_until.weekdays], tz
+                now, parse_hhmm(step.wait_until.time), [w.lower() for w in step.wait_until.weekdays], tz
             )
             return Move(step.next, "done") if at <= now else Hold("timer", at, "waiting")
         if kind == "wait_for_event":
@@ -414,9 +415,9 @@ class Engine:
         if contact is None:
             return Move("", "failed", "contact not found", end="contact_missing")
         if kind in ("send_sms", "call_task"):
-            window = timing.Window.parse(d.send_window.start, d.send_window.end)
+            window = SendWindow.parse(d.send_window.start, d.send_window.end)
             opening = window.next_opening(now, timing.zone(contact.time_zone or run.row["time_zone"]))
-            if opening > now:
+            if opening is not None:
                 return Hold("deferred", opening, "deferred", detail="outside the send window")
         request_id = f"{run.id}:{step.id}:{run.visit}"
         data = contact.template_data()

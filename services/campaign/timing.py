@@ -1,17 +1,14 @@
-"""Durations, local times of day, send windows and wait_until math, in the contact's time zone."""
+"""Durations and wait_until math in the contact's time zone (the send window: services/common/sendwindow.py)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-DEFAULT_WINDOW = ("08:00", "21:00")
 # A year bounds every duration: longer ones are typos, and keep timestamps in range.
 _MAX_DURATION = timedelta(days=366)
 
@@ -30,14 +27,6 @@ def parse_duration(text: str) -> timedelta:
     return value
 
 
-def parse_time_of_day(text: str) -> time:
-    """``"08:00"`` → time. ValueError unless HH:MM on a 24-hour clock."""
-    m = _TIME_OF_DAY.match(text or "")
-    if not m:
-        raise ValueError(f'not a time of day: {text!r} (use "HH:MM", 24-hour)')
-    return time(int(m.group(1)), int(m.group(2)))
-
-
 def zone(name: str | None) -> ZoneInfo:
     """The IANA zone, or UTC when empty or unknown (a contact without a known zone)."""
     if name:
@@ -46,26 +35,6 @@ def zone(name: str | None) -> ZoneInfo:
         except (ZoneInfoNotFoundError, ValueError):
             pass
     return ZoneInfo("UTC")
-
-
-@dataclass(frozen=True)
-class Window:
-    """A daily local-time window [start, end)."""
-
-    start: time
-    end: time
-
-    @classmethod
-    def parse(cls, start: str, end: str) -> Window:
-        return cls(parse_time_of_day(start or DEFAULT_WINDOW[0]), parse_time_of_day(end or DEFAULT_WINDOW[1]))
-
-    def next_opening(self, now: datetime, tz: ZoneInfo) -> datetime:
-        """``now`` when inside the window, else the next moment it opens (UTC)."""
-        local = now.astimezone(tz)
-        if self.start <= local.time() < self.end:
-            return now
-        day = local.date() if local.time() < self.start else local.date() + timedelta(days=1)
-        return datetime.combine(day, self.start, tzinfo=tz).astimezone(UTC)
 
 
 def next_time_of_day(now: datetime, at: time, weekdays: Iterable[str], tz: ZoneInfo) -> datetime:
