@@ -435,8 +435,8 @@ def main() -> None:
     parser.add_argument("--phases", default="single,batch,receipts", help="comma-separated phases to run")
     parser.add_argument(
         "--receipt-statuses",
-        default="delivered",
-        help='statuses the stand-in posts per message in phase receipts, in order (Twilio: "sent,delivered")',
+        default="sent,delivered",
+        help='statuses the stand-in posts per message in phase receipts, in order (default: as Twilio does)',
     )
     parser.add_argument(
         "--profile",
