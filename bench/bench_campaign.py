@@ -38,6 +38,7 @@ from parley.common.v1.event_pb2 import Event, EventType  # noqa: E402
 from parley.ingest.v1 import ingest_service_pb2 as ipb  # noqa: E402
 from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceStub  # noqa: E402
 
+from bench.proc_cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
 from services.campaign.definition import from_dict  # noqa: E402
 from services.common import tenancy  # noqa: E402
 from services.common.clients import key_metadata  # noqa: E402
@@ -72,35 +73,6 @@ def log(msg: str) -> None:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of ``root`` (with its reaped children) and its live children: Postgres' postmaster and backends."""
-    try:
-        fields = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    total = sum(int(x) for x in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(stat[1]) == root:
-                total += (int(stat[11]) + int(stat[12])) / TICKS
-    return total
 
 
 def postmaster_pid() -> int:

@@ -46,6 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from parley.common.v1.event_pb2 import Event, EventType  # noqa: E402
 from parley.ingest.v1 import ingest_service_pb2 as pb  # noqa: E402
 
+from bench.proc_cpu import cpu_seconds, parent_of, tree_cpu_seconds  # noqa: E402
 from services.common import tenancy  # noqa: E402
 from services.common.db import create_pool  # noqa: E402
 from services.common.embedded import embedded_server_url, with_database  # noqa: E402
@@ -53,7 +54,6 @@ from services.common.logs import configure_logging  # noqa: E402
 
 USERS = 50_000
 FLOOR = "gRPC Health.Check, no-op (64 callers)"
-TICKS = os.sysconf("SC_CLK_TCK")
 AREA_CODES = (415, 212, 646, 312, 617, 206, 303, 512)
 
 
@@ -168,41 +168,6 @@ def to_segment(spec: Spec) -> dict[str, Any]:
 
 
 # --- processes and CPU accounting -----------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of ``root``, its live children, and its exited children (reaped: counted in cutime/cstime)."""
-    try:
-        fields = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    own = sum(int(x) for x in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
-    return own + sum(cpu_seconds(p) for p in children_of(root))
-
-
-def children_of(ppid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(stat[1]) == ppid:
-                out.append(int(entry.name))
-    return out
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def read_profile(path: str) -> list[str]:

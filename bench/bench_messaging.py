@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from parley.messaging.v1 import messaging_service_pb2 as pb  # noqa: E402
 from parley.messaging.v1.messaging_service_pb2_grpc import MessagingServiceStub  # noqa: E402
 
+from bench.proc_cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
 from services.common import tenancy  # noqa: E402
 from services.common.clients import key_metadata  # noqa: E402
 from services.common.db import create_pool  # noqa: E402
@@ -45,7 +46,6 @@ from services.common.embedded import embedded_server_url, with_database  # noqa:
 from tests.messaging.twilio_standin import ACCOUNT_SID, AUTH_TOKEN  # noqa: E402
 
 PUBLIC_BASE = "https://hooks.parley.bench"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def log(msg: str) -> None:
@@ -71,27 +71,6 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its children, live or reaped (PostgreSQL's backends under the postmaster)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = sum(int(f) for f in fields[11:15])
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(child[1]) == pid:
-            total += int(child[11]) + int(child[12])
-    return total / TICKS
 
 
 def postmaster_pid() -> int | None:
@@ -436,7 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--receipt-statuses",
         default="sent,delivered",
-        help='statuses the stand-in posts per message in phase receipts, in order (default: as Twilio does)',
+        help="statuses the stand-in posts per message in phase receipts, in order (default: as Twilio does)",
     )
     parser.add_argument(
         "--profile",
