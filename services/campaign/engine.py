@@ -120,6 +120,7 @@ class Engine:
         live_ttl: float = 1.0,
         run_fresh: bool = False,
         max_open_runs: int = 0,
+        fresh_queue_max: int = 2_000,
     ) -> None:
         self.pool = pool
         self.effects = effects
@@ -144,6 +145,9 @@ class Engine:
         # instead of waiting for a timer worker (whose claim stays the fallback).
         self.run_fresh = run_fresh
         self._fresh: list[_Fresh] = []
+        # Bounded: past this many queued, fresh rows wait for a timer worker instead.
+        self.fresh_queue_max = fresh_queue_max
+        self.fresh_dropped = 0
         self._fresh_ready = asyncio.Event()
         self.fresh_run = 0
 
@@ -512,17 +516,19 @@ class Engine:
         notify = bool(plan.wakes or (plan.enrollments and not self.run_fresh))
         try:
             # Most batches only enroll (or decide nothing): one statement, one round trip.
-            fast = repository.only_enrollments(plan) and await repository.commit_enrollments(
-                self.pool,
-                plan.enrollments,
-                CONSUMER,
-                cursor_before,
-                cursor_after,
-                notify=NOTIFY_CHANNEL if notify else "",
-            )
-            if not fast:
+            inserted = None
+            if repository.only_enrollments(plan):
+                inserted = await repository.commit_enrollments(
+                    self.pool,
+                    plan.enrollments,
+                    CONSUMER,
+                    cursor_before,
+                    cursor_after,
+                    notify=NOTIFY_CHANNEL if notify else "",
+                )
+            if inserted is None:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await repository.apply_plan(conn, plan, now)
+                    inserted = await repository.apply_plan(conn, plan, now)
                     await repository.advance_cursor(conn, CONSUMER, cursor_before, cursor_after)
                     if notify:
                         await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
@@ -535,9 +541,30 @@ class Engine:
         if notify:
             self.wake()
         if plan.fresh:
-            self._fresh.extend(plan.fresh)
+            self._queue_fresh(plan.fresh, set(inserted))
+        return len(inserted)
+
+    def _queue_fresh(self, fresh: Sequence[_Fresh], inserted: set[str]) -> None:
+        """Queue the fresh runs of rows the commit inserted, up to ``fresh_queue_max``.
+
+        A row the unique index refused gets no run, and its contact read is cancelled. Past the
+        bound the overflow is dropped too: its row is due, so a timer worker runs it (woken here).
+        """
+        room = max(0, self.fresh_queue_max - len(self._fresh))
+        keep = [f for f in fresh if str(f.enrollment_id) in inserted]
+        dropped = len(keep) > room
+        keep = keep[:room]
+        kept = {id(f.prefetch) for f in keep if f.prefetch is not None}
+        for f in fresh:
+            # Entries of one contact share its read; cancel it only when no kept run awaits it.
+            if f.prefetch is not None and id(f.prefetch) not in kept:
+                f.prefetch.cancel()
+        if dropped:
+            self.fresh_dropped += len([f for f in fresh if str(f.enrollment_id) in inserted]) - len(keep)
+            self.wake()
+        if keep:
+            self._fresh.extend(keep)
             self._fresh_ready.set()
-        return len(plan.enrollments)
 
     async def _plan(self, events: Sequence[id_pb.StoredEvent], now: datetime, plan: _Plan) -> None:
         live = await self._live_campaigns()

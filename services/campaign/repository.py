@@ -450,33 +450,40 @@ def only_enrollments(plan: _Plan) -> bool:
 
 async def commit_enrollments(
     conn: Conn, enrollments: Sequence[dict[str, Any]], consumer: str, before: str, after: str, *, notify: str = ""
-) -> bool:
+) -> list[str] | None:
     """Insert enrollments and move the cursor (compare-and-set) in one statement, so one round trip.
 
-    The insert happens only if the cursor moved; returns False (nothing written) when it did
-    not, and the caller takes the general path, which tells a missing cursor row from a
+    Returns the ids actually inserted (a row that met an active enrollment of its campaign is
+    not). The insert happens only if the cursor moved; returns None (nothing written) when it
+    did not, and the caller takes the general path, which tells a missing cursor row from a
     cursor another consumer moved.
     """
     args = _enrollment_args(enrollments)
     n = len(args)
-    moved = await conn.fetchval(
+    row = await conn.fetchrow(
         f"""WITH cur AS (UPDATE campaign.stream_cursors SET cursor = ${n + 3}, update_time = now()
                          WHERE consumer = ${n + 1} AND cursor = ${n + 2} RETURNING 1),
-                 ins AS ({_INSERT_ENROLLMENTS} WHERE EXISTS (SELECT 1 FROM cur) ON CONFLICT DO NOTHING RETURNING 1)
-            SELECT EXISTS (SELECT 1 FROM cur) AND (${n + 4} = '' OR pg_notify(${n + 4}, '') IS NOT NULL)""",
+                 ins AS ({_INSERT_ENROLLMENTS} WHERE EXISTS (SELECT 1 FROM cur) ON CONFLICT DO NOTHING RETURNING id)
+            SELECT EXISTS (SELECT 1 FROM cur) AND (${n + 4} = '' OR pg_notify(${n + 4}, '') IS NOT NULL) AS moved,
+                   ARRAY(SELECT id::text FROM ins) AS inserted""",
         *args,
         consumer,
         before,
         after,
         notify,
     )
-    return bool(moved)
+    if row is None or not row["moved"]:
+        return None
+    return list(row["inserted"])
 
 
-async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> None:
-    """Write what one batch of events decided, in the caller's transaction."""
-    if plan.enrollments:
-        await conn.execute(f"{_INSERT_ENROLLMENTS} ON CONFLICT DO NOTHING", *_enrollment_args(plan.enrollments))
+async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> list[str]:
+    """Write what one batch of events decided, in the caller's transaction; returns the ids inserted.
+
+    Exits are written before the inserts: a batch that exits a contact's active enrollment and
+    then triggers the same (``any_time``) campaign again must find the old row already ended,
+    or the partial unique index would refuse the new one.
+    """
     if plan.exits:
         rows = await conn.fetch(
             """UPDATE campaign.enrollments e SET state = 'exited', exit_reason = u.reason, end_time = $4, due_at = NULL,
@@ -490,6 +497,12 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
             now,
         )
         await _close_pending(conn, [(r["workspace_id"], r["id"]) for r in rows], now, "exited")
+    inserted: list[str] = []
+    if plan.enrollments:
+        rows = await conn.fetch(
+            f"{_INSERT_ENROLLMENTS} ON CONFLICT DO NOTHING RETURNING id", *_enrollment_args(plan.enrollments)
+        )
+        inserted = [str(r["id"]) for r in rows]
     if plan.wakes:
         await conn.execute(
             """UPDATE campaign.enrollments e SET phase = 'event_arrived', due_at = $3
@@ -525,6 +538,7 @@ async def apply_plan(conn: asyncpg.Connection, plan: _Plan, now: datetime) -> No
             [x[0] for x in plan.tasks_done],
             [x[1] for x in plan.tasks_done],
         )
+    return inserted
 
 
 async def get_cursor(conn: Conn, consumer: str) -> str:

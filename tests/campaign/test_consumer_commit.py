@@ -1,0 +1,90 @@
+"""What the consumer's commit inserts decides what it reports and what it runs at once.
+
+A batch may end a contact's enrollment and trigger the same campaign again; a trigger may meet
+an active enrollment the unique index keeps; more fresh rows may arrive than the in-process queue
+holds. In each case the count returned, the fresh queue and the timer fallback follow the rows
+the commit actually wrote.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from parley.campaign.v1 import campaign_service_pb2 as pb
+from parley.common.v1 import event_pb2
+from parley.identity.v1 import identity_service_pb2 as id_pb
+
+from services.campaign import repository
+from services.campaign.engine import CONSUMER, Engine
+from tests.campaign.conftest import Stack
+from tests.campaign.test_fresh_runs import Wrapped, deliver, fstack, new_contact, replica, stored_sms
+
+__all__ = ["fstack"]
+
+
+def _ev(s: Stack, contact_id: str, name: str) -> id_pb.StoredEvent:
+    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
+    ev.timestamp.FromDatetime(s.clock.now())
+    return id_pb.StoredEvent(event=ev, workspace_id=s.workspace_id, contact_id=contact_id)
+
+
+async def _batch(engine: Engine, events: list[id_pb.StoredEvent]) -> int:
+    before = await repository.get_cursor(engine.pool, CONSUMER)
+    return await engine.handle_events(events, before, f"{before}+{len(events)}")
+
+
+async def _enrollments(s: Stack, contact_id: str) -> list[Any]:
+    resp = await s.campaign.stub.ListEnrollments(
+        pb.ListEnrollmentsRequest(contact_id=contact_id), metadata=s.campaign.md
+    )
+    return list(resp.enrollments)
+
+
+async def test_exit_then_trigger_in_one_batch_enrolls_again(fstack: Stack, db_url: str) -> None:
+    s = fstack
+    engine, fx = replica(s)
+    contact = await new_contact(s, 71)
+    await deliver(s, engine, contact, "Signed Up")
+    assert await engine.run_fresh_queued() == 1
+    # The exit ends the running enrollment; the trigger after it (any_time) must enroll anew.
+    n = await _batch(engine, [_ev(s, contact, "Unsubscribed"), _ev(s, contact, "Signed Up")])
+    assert n == 1
+    rows = await _enrollments(s, contact)
+    assert sorted((e.state, e.exit_reason) for e in rows) == sorted(
+        [(pb.ENROLLMENT_STATE_EXITED, "exit_event:Unsubscribed"), (pb.ENROLLMENT_STATE_ACTIVE, "")]
+    )
+    # The new enrollment's first step runs at once, and sends.
+    assert await engine.run_fresh_queued() == 1
+    new = next(e for e in await _enrollments(s, contact) if e.state == pb.ENROLLMENT_STATE_ACTIVE)
+    assert await stored_sms(db_url, f"{new.id}:hello:1") == 1 and len(fx.sent) == 2
+
+
+async def test_a_trigger_the_unique_index_refuses_is_not_counted_or_queued(fstack: Stack) -> None:
+    s = fstack
+    engine, _ = replica(s)
+    contact = await new_contact(s, 72)
+    assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 1
+    assert await engine.run_fresh_queued() == 1
+    # Active still: an any_time trigger's insert meets the index, so nothing was enrolled.
+    assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 0
+    assert engine._fresh == []
+    assert len(await _enrollments(s, contact)) == 1
+
+
+async def test_fresh_queue_overflow_runs_once_through_the_timer_path(fstack: Stack, db_url: str) -> None:
+    s = fstack
+    fx = Wrapped(s.campaign.server.runtime.state["effects"])
+    engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True, fresh_queue_max=1)
+    contacts = [await new_contact(s, 80 + i) for i in range(3)]
+    assert await _batch(engine, [_ev(s, c, "Signed Up") for c in contacts]) == 3
+    # One queued; the other two are left to the due timer rows.
+    assert len(engine._fresh) == 1 and engine.fresh_dropped == 2
+    assert await engine.run_fresh_queued() == 1
+    assert await s.engine.run_due() == 2
+    assert await s.engine.run_due() == 0 and await engine.run_fresh_queued() == 0
+    for c in contacts:
+        (e,) = await _enrollments(s, c)
+        assert e.current_step_id == "later"
+        assert await stored_sms(db_url, f"{e.id}:hello:1") == 1
+        assert [(h.step_id, h.outcome) for h in e.history] == [("hello", "sent"), ("later", "waiting")]
