@@ -38,6 +38,10 @@ NOTIFY_CHANNEL = "campaign_due"
 DELIVERY_EVENTS = {"SMS Delivered": "delivered", "SMS Failed": "failed"}
 TASK_DONE_EVENTS = frozenset({"Call Completed"})
 DEFAULT_GOAL_WINDOW = timedelta(days=7)
+# A step reads the database only on its run's own connection. Should any path still borrow a
+# second one, it gives up after this long (the step fails, rolls back and is retried) rather
+# than wait forever for a pool that the row-lock holders have drained.
+BORROW_TIMEOUT = 10.0
 
 
 def cohort_for(campaign_id: str, step_id: str, contact_id: str, cohorts: Sequence[pb.Cohort]) -> pb.Cohort:
@@ -97,6 +101,8 @@ class Run:
     sends: int = 0
     # A read of the contact started while the enrollment was being committed (fresh runs).
     prefetch: asyncio.Future[ContactInfo | None] | None = None
+    # The connection whose transaction holds this run's row lock, shared by the batch's runs.
+    held: _Held | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -128,11 +134,13 @@ class Engine:
         self.batch_size = batch_size
         self._sem = asyncio.Semaphore(concurrency)
         self._prefetch_sem = asyncio.Semaphore(concurrency)
-        # Timer batches and fresh runs each hold a pool connection in a transaction while their
-        # steps may borrow another (the frequency cap's count, a version read): this many at once
-        # at most (0: no limit), so some connections always stay free for those borrowers.
+        # Timer batches and fresh runs each hold a pool connection in a transaction (and their
+        # steps read only through it): this many at once at most (0: no limit), so connections
+        # stay free for the consumer and the API.
         self._open_runs = asyncio.Semaphore(max_open_runs) if max_open_runs > 0 else None
         self._graphs: dict[tuple[str, str, int], Graph] = {}
+        # Stored versions that do not parse: logged once, then skipped (never retried: immutable).
+        self._broken: set[tuple[str, str, int]] = set()
         self._wake = asyncio.Event()
         self._contacts = _ContactCache(contact_ttl)
         # Which campaigns are live, re-read at most every live_ttl seconds (publishing through
@@ -154,15 +162,37 @@ class Engine:
     # ---------------------------------------------------------------------------------- graphs
 
     async def graph(self, workspace_id: str, campaign_id: str, version: int) -> Graph | None:
+        """A version's graph; None if it is missing or does not parse (then logged)."""
         key = (str(workspace_id), str(campaign_id), version)
         graph = self._graphs.get(key)
-        if graph is None:
+        if graph is None and key not in self._broken:
             stored = await repository.get_version(self.pool, workspace_id, campaign_id, version)
             if stored is None:
                 return None
-            # Versions are immutable, so caching them forever is safe.
-            graph = self._graphs[key] = Graph.of(definition_from_stored(stored))
+            graph = self._parse(key, stored)
         return graph
+
+    def _parse(self, key: tuple[str, str, int], stored: Any) -> Graph | None:
+        try:
+            graph = Graph.of(definition_from_stored(stored))
+        except Exception:
+            log.exception("campaign_version_unparsable", workspace_id=key[0], campaign_id=key[1], version=key[2])
+            self._broken.add(key)
+            return None
+        # Versions are immutable, so caching them forever is safe.
+        self._graphs[key] = graph
+        return graph
+
+    async def _load_graphs(self, conn: asyncpg.Connection, runs: Sequence[Run]) -> None:
+        """Read the versions of a claimed batch not cached yet, on the batch's own connection."""
+        missing = {
+            k
+            for k in ((str(r.workspace_id), str(r.campaign_id), r.version) for r in runs)
+            if k not in self._graphs and k not in self._broken
+        }
+        if missing:
+            for v in await repository.get_versions(conn, sorted(missing)):
+                self._parse((str(v["workspace_id"]), str(v["campaign_id"]), v["version"]), v["definition"])
 
     async def _live_campaigns(self) -> list[Any]:
         now = _time.monotonic()
@@ -174,10 +204,11 @@ class Engine:
                 for v in await repository.all_versions(self.pool)
             ]
             missing = [k for k in keys if k not in self._graphs]
+            missing = [k for k in missing if k not in self._broken]
             if missing:
                 for v in await repository.get_versions(self.pool, missing):
                     key = (str(v["workspace_id"]), str(v["campaign_id"]), v["version"])
-                    self._graphs[key] = Graph.of(definition_from_stored(v["definition"]))
+                    self._parse(key, v["definition"])
             watched: dict[str, set[str]] = {}
             for k in keys:
                 graph = self._graphs.get(k)
@@ -220,7 +251,9 @@ class Engine:
             rows = await repository.claim_due(conn, now, self.batch_size)
             if not rows:
                 return 0
-            runs = [Run(dict(r)) for r in rows]
+            held = _Held(conn)
+            runs = [Run(dict(r), held=held) for r in rows]
+            await self._load_graphs(conn, runs)
             await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
             await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
         self.steps_run += len(runs)
@@ -295,8 +328,32 @@ class Engine:
     def _end(self, run: Run, state: str, reason: str, now: datetime) -> None:
         run.row.update(state=state, exit_reason=reason, end_time=now, due_at=None, phase="done")
 
+    async def _run_graph(self, run: Run) -> Graph | None:
+        """The run's graph: cached (the batch loaded it), else read on the run's own connection."""
+        key = (str(run.workspace_id), str(run.campaign_id), run.version)
+        graph = self._graphs.get(key)
+        if graph is None and key not in self._broken:
+            stored = await self._query(run, lambda c: repository.get_version(c, *key))
+            graph = None if stored is None else self._parse(key, stored)
+        if graph is None and key in self._broken:
+            # Not the enrollment's fault: keep it, retrying with backoff, until the code can read it.
+            raise RuntimeError(f"campaign version {key[1]}/{key[2]} does not parse")
+        return graph
+
+    async def _query(self, run: Run, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run ``fn`` on the connection holding the run's row lock (one statement at a time).
+
+        Never a second pool connection while the lock is held: waiters on these rows could hold
+        the rest of the pool, and Postgres cannot see a cycle that goes through our pool.
+        """
+        if run.held is not None:
+            async with run.held.lock:
+                return await fn(run.held.conn)
+        async with self.pool.acquire(timeout=BORROW_TIMEOUT) as conn:
+            return await fn(conn)
+
     async def _advance(self, run: Run, now: datetime) -> None:
-        graph = await self.graph(run.workspace_id, run.campaign_id, run.version)
+        graph = await self._run_graph(run)
         if graph is None:
             self._end(run, "exited", "version_missing", now)
             return
@@ -430,13 +487,16 @@ class Engine:
             cap = d.frequency_cap
             if cap.max_messages > 0:
                 since = now - timing.parse_duration(cap.period)
-                sent = await repository.sms_sent_count(
-                    self.pool,
-                    run.workspace_id,
-                    run.campaign_id,
-                    run.contact_id,
-                    since,
-                    exclude=(run.id, step.id, run.visit),
+                sent = await self._query(
+                    run,
+                    lambda c: repository.sms_sent_count(
+                        c,
+                        run.workspace_id,
+                        run.campaign_id,
+                        run.contact_id,
+                        since,
+                        exclude=(run.id, step.id, run.visit),
+                    ),
                 )
                 if sent + run.sends >= cap.max_messages:
                     return Move(step.next, "skipped", "frequency cap reached")
@@ -724,9 +784,11 @@ class Engine:
             rows = await repository.claim_fresh(conn, [(f.workspace_id, f.enrollment_id) for f in batch], now)
             if not rows:
                 return 0
-            runs = [Run(dict(r)) for r in rows]
+            held = _Held(conn)
+            runs = [Run(dict(r), held=held) for r in rows]
             for run in runs:
                 run.prefetch = prefetched.get((str(run.workspace_id), str(run.id)))
+            await self._load_graphs(conn, runs)
             await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
             await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
         self.steps_run += len(runs)
@@ -882,6 +944,14 @@ class _Plan:
     deliveries: list[tuple[str, str, str]] = field(default_factory=list)
     tasks_done: list[tuple[str, str]] = field(default_factory=list)
     fresh: list[_Fresh] = field(default_factory=list)
+
+
+class _Held:
+    """A claimed batch's connection, in its transaction; its runs' reads take turns on it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
 
 
 @dataclass

@@ -23,6 +23,19 @@ TIMER_WORKERS = 4
 FRESH_RUNNERS = 4
 
 
+def open_runs_budget(db_pool_max: int) -> int:
+    """How many timer batches and fresh runs may hold a connection (and their row locks) at once.
+
+    The pool budget: one connection for the NOTIFY listener, one for the consumer's advisory
+    lock, at least one for the consumer's batches and the API; the rest (at least one) for open
+    runs. A run reads only on its own connection and never waits for a second one while it
+    holds its rows, so it always finishes and releases them: whoever waits on those rows (the
+    consumer's exits, Pause, Archive) waits for a run that needs nothing more. Even a pool of
+    4 or 5 cannot deadlock; a small pool only queues work.
+    """
+    return max(1, db_pool_max - 3)
+
+
 def make_module(
     *, clock: Clock | None = None, run_timers: bool = True, consume: bool = True, effects: Effects | None = None
 ) -> ServiceModule:
@@ -38,9 +51,7 @@ def make_module(
             fx,
             engine_clock,
             run_fresh=run_timers,
-            # Two connections stay with the consumer's lock and the NOTIFY listener; two more
-            # for the consumer's batches and what running steps borrow.
-            max_open_runs=max(2, rt.settings.db_pool_max - 4),
+            max_open_runs=open_runs_budget(rt.settings.db_pool_max),
         )
         rt.state["engine"] = engine
         rt.state["effects"] = fx
