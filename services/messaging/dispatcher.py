@@ -8,7 +8,7 @@ import dataclasses
 import random
 from collections import defaultdict
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 import structlog
@@ -35,48 +35,97 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
 class Dispatcher:
     def __init__(self, app: Messaging) -> None:
         self.app = app
+        self._senders: set[asyncio.Task[None]] = set()
+        # Set when a sender finishes or a stop is asked for: the claimer may go on.
+        self._kick = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._claimer_done = asyncio.Event()
+        self._running = False
 
     async def run(self) -> None:
-        """Claim due batches until cancelled, with up to ``dispatch_workers`` batches at the provider at once.
+        """Claim due batches until stopped, with up to ``dispatch_workers`` batches at the provider at once.
 
         One claimer per process: woken by a new send (or every poll interval), it leases what is
         due and hands it to a sender task. While every sender is busy, due messages wait and the
         next claim takes them together, so batches grow with the load; an idle process answers a
         lone send at once. (One claimer, not one per sender, so a wake-up costs one claim.)
+
+        A failed claim, whatever the error, is logged and retried after a pause: its transaction
+        rolled back, so what it leased is due again. Batches at the provider are never cancelled
+        while the grace lasts (``stop``, or this task's cancellation, waits for them): a message
+        the provider accepted is recorded as sent, not leased again and sent twice.
         """
         app, tuning = self.app, self.app.tuning
-        slots = asyncio.Semaphore(tuning.dispatch_workers)
-        senders: set[asyncio.Task[None]] = set()
-
-        def done(task: asyncio.Task[None]) -> None:
-            senders.discard(task)
-            slots.release()
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("dispatch_send_failed", error=repr(exc))
-
+        self._running = True
+        self._claimer_done.clear()
         try:
-            while True:
-                await slots.acquire()
+            while not self._stopping.is_set():
+                if len(self._senders) >= tuning.dispatch_workers:
+                    self._kick.clear()
+                    await self._kick.wait()
+                    continue
                 app.wakeup.clear()
                 try:
                     claimed, sendable = await self._claim()
                 except (asyncpg.PostgresError, OSError) as exc:
-                    slots.release()
                     log.warning("dispatch_failed", error=repr(exc))
-                    await asyncio.sleep(1.0)
+                    await self._pause(1.0)
+                    continue
+                except Exception as exc:
+                    # A bug (policy, zone, ...) must not end dispatch for the whole process.
+                    log.exception("dispatch_claim_failed", error=repr(exc))
+                    await self._pause(1.0)
                     continue
                 if sendable:
                     task = asyncio.create_task(self._send_logged(sendable))
-                    senders.add(task)
-                    task.add_done_callback(done)
-                else:
-                    slots.release()
+                    self._senders.add(task)
+                    task.add_done_callback(self._sender_done)
                 if claimed == 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(app.wakeup.wait(), tuning.poll_seconds)
         finally:
-            for task in senders:
-                task.cancel()
+            self._running = False
+            self._claimer_done.set()
+            # Cancelled without ``stop`` (or stopped): the batches at the provider still get recorded.
+            await self._drain(self.app.settings.grace_seconds)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming, then wait up to ``grace`` seconds for the batches at the provider to be recorded.
+
+        What is still at the provider after that is cancelled; its leases lapse and it goes again.
+        """
+        grace = self.app.settings.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._stopping.set()
+        self._kick.set()
+        self.app.wakeup.set()
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._claimer_done.wait(), grace)
+        await self._drain(max(0.0, deadline - loop.time()))
+
+    async def _drain(self, grace: float) -> None:
+        pending = set(self._senders)
+        try:
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=grace)
+        finally:
+            if pending:
+                log.warning("dispatch_batches_abandoned", batches=len(pending))
+                for task in pending:
+                    task.cancel()
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        self._senders.discard(task)
+        self._kick.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("dispatch_send_failed", error=repr(exc))
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless a stop is asked for meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def dispatch_once(self) -> int:
         """One round, start to end: lease a batch, hand the allowed ones to the provider, record every outcome."""
@@ -118,17 +167,23 @@ class Dispatcher:
             later: list[tuple[str, str, datetime]] = []
             closed: list[tuple[str, str, datetime]] = []
             for ws, group in list(by_ws.items()):
-                policy = await app.policy(ws)
                 # The window is checked again at hand-off: a retry or a rate-limited wait may have
                 # carried a message past its window's end. It waits for the next start.
                 open_now = []
-                window = SendWindow.parse(policy.send_window_start, policy.send_window_end)
-                for row in group:
-                    due = window.next_opening(now, ZoneInfo(row["time_zone"] or time_zone_of(row["phone"], "UTC")))
-                    if due is None:
-                        open_now.append(row)
-                    else:
-                        closed.append((ws, str(row["id"]), due))
+                try:
+                    policy = await app.policy(ws)
+                    window = SendWindow.parse(policy.send_window_start, policy.send_window_end)
+                    for row in group:
+                        due = window.next_opening(now, _zone(row))
+                        if due is None:
+                            open_now.append(row)
+                        else:
+                            closed.append((ws, str(row["id"]), due))
+                except Exception as exc:
+                    # One workspace's bad policy must not hold up the others: its messages stay
+                    # leased and go again when the lease lapses.
+                    log.exception("dispatch_workspace_failed", workspace_id=ws, messages=len(group), error=repr(exc))
+                    continue
                 group = by_ws[ws] = open_now
                 rate = policy.rate_limit_per_second
                 granted = await repo.take_tokens(conn, ws, rate, len(group)) if group else 0
@@ -197,6 +252,20 @@ class Dispatcher:
             moved = await repo.record_results(conn, results, now)
             await repo.add_outcomes(conn, _outcomes(moved, now))
         app.wake_outbox()
+
+
+def _zone(row: asyncpg.Record) -> ZoneInfo:
+    """The message's time zone; a stored zone that does not load gives way to the phone's (or UTC)."""
+    stored = row["time_zone"]
+    if stored:
+        try:
+            return ZoneInfo(stored)
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+            log.warning("bad_time_zone", message_id=str(row["id"]), time_zone=stored, error=repr(exc))
+    try:
+        return ZoneInfo(time_zone_of(row["phone"], "UTC"))
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return ZoneInfo("UTC")
 
 
 def _with_early(result: DispatchResult, early: tuple[str, str] | None) -> DispatchResult:

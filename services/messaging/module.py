@@ -71,6 +71,9 @@ def build_module(tuning_factory: Callable[[], Tuning] = Tuning) -> ServiceModule
                 rt.spawn(stream.run(), name="messaging-identity-stream")
 
         async def stop() -> None:
+            # First, while the provider client is open: stop claiming, and let the batches at the
+            # provider be recorded (within the grace), so an accepted message is not sent again.
+            await dispatcher.stop()
             await runner.cleanup()
             await app.provider.close()
             await app.identity.close()

@@ -46,6 +46,9 @@ class TwilioStandIn:
     # callback for the initial "queued"; it reports "sent", then "delivered" or "undelivered").
     callback_statuses: tuple[str, ...] = ("delivered",)
     callbacks_on: bool = True
+    # When given, an accepted message is recorded at once but answered only once this is set:
+    # a provider that has taken the message and not yet said so.
+    answer_gate: asyncio.Event | None = None
     # Callbacks in flight at once, over keep-alive connections (Twilio's webhook senders are a
     # bounded pool too); the rest wait their turn in order.
     callback_concurrency: int = 64
@@ -119,6 +122,8 @@ class TwilioStandIn:
         self.received.append(Received(sid, to, body, form.get("StatusCallback", ""), form))
         if self.callback_base and self.callbacks_on and form.get("StatusCallback"):
             self._queue_callback(sid, form)
+        if self.answer_gate is not None:
+            await self.answer_gate.wait()
         return web.json_response(
             {
                 "sid": sid,
