@@ -40,9 +40,10 @@ class Tuning:
     policy_cache_seconds: float = 2.0
     # Under concurrency, status callbacks wait this long to share a transaction with others
     # arriving meanwhile (Twilio waits seconds for an answer; a transaction's fixed cost is
-    # most of the cost of a small batch). A lone callback never waits.
+    # most of the cost of a small batch). A lone callback does not wait, except the first
+    # after a batch of several (see Coalescer.linger).
     status_linger_seconds: float = 0.01
-    # The same for concurrent SendSms calls (a lone call never waits).
+    # The same for concurrent SendSms calls.
     send_linger_seconds: float = 0.003
 
 

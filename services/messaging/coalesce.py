@@ -16,9 +16,9 @@ class Coalescer(Generic[T, R]):
     """Queues items from concurrent callers; a flusher runs ``handle(conn, items)`` in one transaction.
 
     While a batch's transaction runs, later items wait and form the next batch (up to
-    ``max_batch``). A caller alone still gets its own transaction at once; under concurrency a
-    flush may first ``linger`` to gather more. If a batch fails, its items go again one by one,
-    so one bad item fails only its own caller.
+    ``max_batch``). Under load a flush may first ``linger`` to gather more (see ``linger``);
+    otherwise a caller alone gets its own transaction at once. If a batch fails, its items go
+    again one by one, so one bad item fails only its own caller.
     """
 
     def __init__(
@@ -33,9 +33,12 @@ class Coalescer(Generic[T, R]):
         self._handle = handle
         self.max_batch = max_batch
         self.flushers = flushers
-        # Under concurrency (several callers waiting, or the last batch had several), seconds a
-        # flush waits for more before it starts: each transaction has a fixed cost, and callers
-        # that can wait a little share it with more neighbours. A lone caller never waits.
+        # Seconds a flush waits for more before it starts, when several callers are waiting or
+        # the previous batch held several (load: more are likely on their way; callbacks arrive
+        # a few at a time, and each transaction has a fixed cost that waiting callers share).
+        # So the first caller after a batch of several waits up to ``linger`` even when it turns
+        # out to be alone; its batch of one then ends that, and a lone caller after it does not
+        # wait. A caller alone after a batch of one (or as the first ever) never waits.
         self.linger = linger
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._active = 0

@@ -68,3 +68,28 @@ async def test_linger_lets_later_callers_share_the_transaction(db_url: str) -> N
     finally:
         await pool.close()
     assert batches == [[0], [1, 2, 3, 4]]
+
+
+async def test_after_a_batch_of_several_the_next_lone_caller_lingers_once(db_url: str) -> None:
+    pool = await create_pool(db_url, max_size=1)
+    batches: list[list[int]] = []
+
+    async def handle(conn: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        return list(items)
+
+    async def timed(co: Coalescer[int, int], item: int) -> float:
+        started = time.perf_counter()
+        assert await co.submit(item) == item
+        return time.perf_counter() - started
+
+    try:
+        co: Coalescer[int, int] = Coalescer(pool, handle, linger=0.2)
+        assert await asyncio.gather(co.submit(1), co.submit(2)) == [1, 2]
+        after_several = await timed(co, 3)  # load was seen: it waits for company that does not come
+        after_one = await timed(co, 4)  # its batch of one ended that: no waiting
+    finally:
+        await pool.close()
+    assert batches == [[1, 2], [3], [4]]
+    assert after_several >= 0.19
+    assert after_one < 0.2
