@@ -708,6 +708,11 @@ class Engine:
                 known[key] = mine
                 if self.run_fresh:
                     plan.fresh.append(self._fresh_entry(row, graph, contact, prefetch.get(key)))
+        # A read started for a contact the re-entry policy then turned away serves no run.
+        used = {id(f.prefetch) for f in plan.fresh}
+        for task in prefetch.values():
+            if id(task) not in used:
+                task.cancel()
 
     def _fresh_entry(
         self,

@@ -8,6 +8,7 @@ the commit actually wrote.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -88,3 +89,65 @@ async def test_fresh_queue_overflow_runs_once_through_the_timer_path(fstack: Sta
         assert e.current_step_id == "later"
         assert await stored_sms(db_url, f"{e.id}:hello:1") == 1
         assert [(h.step_id, h.outcome) for h in e.history] == [("hello", "sent"), ("later", "waiting")]
+
+
+class GatedReads(Wrapped):
+    """Contact reads that wait for a gate, so a test can see whether they were cancelled."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.reads: list[asyncio.Task[Any]] = []
+        self.read_gate = asyncio.Event()
+
+    async def get_contact(self, workspace_id: str, contact_id: str, phone: str = "") -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self.reads.append(task)
+        await self.read_gate.wait()
+        return await super().get_contact(workspace_id, contact_id, phone)
+
+
+async def test_the_contact_read_of_a_refused_trigger_is_cancelled(fstack: Stack) -> None:
+    s = fstack
+    first, _ = replica(s)
+    contact = await new_contact(s, 73)
+    assert await _batch(first, [_ev(s, contact, "Signed Up")]) == 1
+    assert await first.run_fresh_queued() == 1
+    fx = GatedReads(s.campaign.server.runtime.state["effects"])
+    engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True)
+    try:
+        # The read starts beside the commit; the insert then meets the active enrollment.
+        assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 0
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(fx.reads) == 1 and fx.reads[0].cancelled()
+    finally:
+        fx.read_gate.set()
+
+
+COOLDOWN = {
+    "trigger": {"event": {"name": "Joined Club"}},
+    "re_entry": {"policy": "after_cooldown", "cooldown": "30d"},
+    "send_window": {"start": "00:00", "end": "23:59"},
+    "steps": [{"id": "hi", "send_sms": {"body": "Hi", "transactional": True}}],
+}
+
+
+async def test_the_contact_read_of_a_trigger_turned_away_by_re_entry_is_cancelled(fstack: Stack) -> None:
+    s = fstack
+    await s.campaign.live("cooldown", COOLDOWN)
+    first, _ = replica(s)
+    first.campaigns_changed()
+    contact = await new_contact(s, 74)
+    assert await _batch(first, [_ev(s, contact, "Joined Club")]) == 1
+    assert await first.run_fresh_queued() == 1
+    fx = GatedReads(s.campaign.server.runtime.state["effects"])
+    engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True)
+    try:
+        # Within the cooldown: the plan enrolls nobody, so the read started for it serves nothing.
+        assert await _batch(engine, [_ev(s, contact, "Joined Club")]) == 0
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(fx.reads) == 1 and fx.reads[0].cancelled()
+    finally:
+        fx.read_gate.set()
