@@ -264,3 +264,19 @@ async def feed(c: Campaigns, *events: id_pb.StoredEvent) -> None:
 
     before = await repository.get_cursor(c.server.runtime.pool, CONSUMER)
     await c.engine.handle_events(list(events), before, f"{before}+{len(events)}")
+
+
+def track_event(s: Stack, contact_id: str, name: str) -> id_pb.StoredEvent:
+    """A stored track event of ``contact_id``, stamped with the stack's clock."""
+    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
+    ev.timestamp.FromDatetime(s.clock.now())
+    return id_pb.StoredEvent(event=ev, workspace_id=s.workspace_id, contact_id=contact_id)
+
+
+async def consume(engine: Any, events: list[id_pb.StoredEvent]) -> int:
+    """Hand ``events`` to ``engine``'s consumer as one stream batch; what it returns (enrollments made)."""
+    from services.campaign import repository
+    from services.campaign.engine import CONSUMER
+
+    before = await repository.get_cursor(engine.pool, CONSUMER)
+    return int(await engine.handle_events(events, before, f"{before}+{len(events)}"))

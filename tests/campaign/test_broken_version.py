@@ -13,12 +13,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from parley.campaign.v1 import campaign_service_pb2 as pb
-from parley.common.v1 import event_pb2
-from parley.identity.v1 import identity_service_pb2 as id_pb
 
-from services.campaign import repository
-from services.campaign.engine import CONSUMER, Engine
-from tests.campaign.conftest import Stack
+from services.campaign.engine import Engine
+from tests.campaign.conftest import Stack, consume, track_event
 from tests.campaign.test_fresh_runs import Wrapped, fstack, new_contact
 
 __all__ = ["fstack"]
@@ -67,29 +64,18 @@ async def _corrupt(db_url: str, campaign: pb.Campaign) -> None:
         await conn.close()
 
 
-def _ev(s: Stack, contact_id: str, name: str) -> id_pb.StoredEvent:
-    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
-    ev.timestamp.FromDatetime(s.clock.now())
-    return id_pb.StoredEvent(event=ev, workspace_id=s.workspace_id, contact_id=contact_id)
-
-
-async def _batch(engine: Engine, events: list[id_pb.StoredEvent]) -> int:
-    before = await repository.get_cursor(engine.pool, CONSUMER)
-    return await engine.handle_events(events, before, f"{before}+{len(events)}")
-
-
 async def test_an_unparsable_version_is_skipped_not_fatal(fstack: Stack, broken: pb.Campaign, db_url: str) -> None:
     s = fstack
     pool = s.campaign.server.runtime.pool
     fx = Wrapped(s.campaign.server.runtime.state["effects"])
     # Enrolled while the version still parsed; a replica that reads it afterwards cannot.
     held = await new_contact(s, 95)
-    assert await _batch(Engine(pool, fx, s.clock), [_ev(s, held, "Broken Up")]) == 1
+    assert await consume(Engine(pool, fx, s.clock), [track_event(s, held, "Broken Up")]) == 1
     await _corrupt(db_url, broken)
     engine = Engine(pool, fx, s.clock)
     contact = await new_contact(s, 96)
     # Other campaigns still enroll; the broken one is skipped.
-    assert await _batch(engine, [_ev(s, contact, "Signed Up"), _ev(s, contact, "Broken Up")]) == 1
+    assert await consume(engine, [track_event(s, contact, "Signed Up"), track_event(s, contact, "Broken Up")]) == 1
     resp = await s.campaign.stub.ListEnrollments(pb.ListEnrollmentsRequest(contact_id=contact), metadata=s.campaign.md)
     assert [e.campaign_id for e in resp.enrollments] != [broken.id] and len(resp.enrollments) == 1
     # The enrollment on the broken version is kept and retried later, not ended.

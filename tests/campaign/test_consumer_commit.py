@@ -9,30 +9,15 @@ the commit actually wrote.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 from parley.campaign.v1 import campaign_service_pb2 as pb
-from parley.common.v1 import event_pb2
-from parley.identity.v1 import identity_service_pb2 as id_pb
 
-from services.campaign import repository
-from services.campaign.engine import CONSUMER, Engine
-from tests.campaign.conftest import Stack
+from services.campaign.engine import Engine
+from tests.campaign.conftest import Stack, consume, track_event
 from tests.campaign.test_fresh_runs import Wrapped, deliver, fstack, new_contact, replica, stored_sms
 
 __all__ = ["fstack"]
-
-
-def _ev(s: Stack, contact_id: str, name: str) -> id_pb.StoredEvent:
-    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
-    ev.timestamp.FromDatetime(s.clock.now())
-    return id_pb.StoredEvent(event=ev, workspace_id=s.workspace_id, contact_id=contact_id)
-
-
-async def _batch(engine: Engine, events: list[id_pb.StoredEvent]) -> int:
-    before = await repository.get_cursor(engine.pool, CONSUMER)
-    return await engine.handle_events(events, before, f"{before}+{len(events)}")
 
 
 async def _enrollments(s: Stack, contact_id: str) -> list[Any]:
@@ -49,7 +34,7 @@ async def test_exit_then_trigger_in_one_batch_enrolls_again(fstack: Stack, db_ur
     await deliver(s, engine, contact, "Signed Up")
     assert await engine.run_fresh_queued() == 1
     # The exit ends the running enrollment; the trigger after it (any_time) must enroll anew.
-    n = await _batch(engine, [_ev(s, contact, "Unsubscribed"), _ev(s, contact, "Signed Up")])
+    n = await consume(engine, [track_event(s, contact, "Unsubscribed"), track_event(s, contact, "Signed Up")])
     assert n == 1
     rows = await _enrollments(s, contact)
     assert sorted((e.state, e.exit_reason) for e in rows) == sorted(
@@ -65,10 +50,10 @@ async def test_a_trigger_the_unique_index_refuses_is_not_counted_or_queued(fstac
     s = fstack
     engine, _ = replica(s)
     contact = await new_contact(s, 72)
-    assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 1
+    assert await consume(engine, [track_event(s, contact, "Signed Up")]) == 1
     assert await engine.run_fresh_queued() == 1
     # Active still: an any_time trigger's insert meets the index, so nothing was enrolled.
-    assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 0
+    assert await consume(engine, [track_event(s, contact, "Signed Up")]) == 0
     assert engine._fresh == []
     assert len(await _enrollments(s, contact)) == 1
 
@@ -78,7 +63,7 @@ async def test_fresh_queue_overflow_runs_once_through_the_timer_path(fstack: Sta
     fx = Wrapped(s.campaign.server.runtime.state["effects"])
     engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True, fresh_queue_max=1)
     contacts = [await new_contact(s, 80 + i) for i in range(3)]
-    assert await _batch(engine, [_ev(s, c, "Signed Up") for c in contacts]) == 3
+    assert await consume(engine, [track_event(s, c, "Signed Up") for c in contacts]) == 3
     # One queued; the other two are left to the due timer rows.
     assert len(engine._fresh) == 1 and engine.fresh_dropped == 2
     assert await engine.run_fresh_queued() == 1
@@ -111,13 +96,13 @@ async def test_the_contact_read_of_a_refused_trigger_is_cancelled(fstack: Stack)
     s = fstack
     first, _ = replica(s)
     contact = await new_contact(s, 73)
-    assert await _batch(first, [_ev(s, contact, "Signed Up")]) == 1
+    assert await consume(first, [track_event(s, contact, "Signed Up")]) == 1
     assert await first.run_fresh_queued() == 1
     fx = GatedReads(s.campaign.server.runtime.state["effects"])
     engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True)
     try:
         # The read starts beside the commit; the insert then meets the active enrollment.
-        assert await _batch(engine, [_ev(s, contact, "Signed Up")]) == 0
+        assert await consume(engine, [track_event(s, contact, "Signed Up")]) == 0
         for _ in range(3):
             await asyncio.sleep(0)
         assert len(fx.reads) == 1 and fx.reads[0].cancelled()
@@ -139,13 +124,13 @@ async def test_the_contact_read_of_a_trigger_turned_away_by_re_entry_is_cancelle
     first, _ = replica(s)
     first.campaigns_changed()
     contact = await new_contact(s, 74)
-    assert await _batch(first, [_ev(s, contact, "Joined Club")]) == 1
+    assert await consume(first, [track_event(s, contact, "Joined Club")]) == 1
     assert await first.run_fresh_queued() == 1
     fx = GatedReads(s.campaign.server.runtime.state["effects"])
     engine = Engine(s.campaign.server.runtime.pool, fx, s.clock, run_fresh=True)
     try:
         # Within the cooldown: the plan enrolls nobody, so the read started for it serves nothing.
-        assert await _batch(engine, [_ev(s, contact, "Joined Club")]) == 0
+        assert await consume(engine, [track_event(s, contact, "Joined Club")]) == 0
         for _ in range(3):
             await asyncio.sleep(0)
         assert len(fx.reads) == 1 and fx.reads[0].cancelled()

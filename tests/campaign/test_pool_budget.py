@@ -9,20 +9,16 @@ cycle. These runs get a pool of one connection: they must finish anyway.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from parley.campaign.v1 import campaign_service_pb2 as pb
-from parley.common.v1 import event_pb2
-from parley.identity.v1 import identity_service_pb2 as id_pb
 
-from services.campaign import repository
-from services.campaign.engine import CONSUMER, Engine
+from services.campaign.engine import Engine
 from services.campaign.module import open_runs_budget
 from services.common.db import create_pool
-from tests.campaign.conftest import Stack
+from tests.campaign.conftest import Stack, consume, track_event
 from tests.campaign.test_fresh_runs import Wrapped, fstack, new_contact, stored_sms
 
 __all__ = ["fstack"]
@@ -52,17 +48,6 @@ async def one_conn(db_url: str) -> AsyncIterator[Any]:
     await pool.close()
 
 
-def _ev(s: Stack, contact_id: str, name: str) -> id_pb.StoredEvent:
-    ev = event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK, name=name, message_id=str(uuid.uuid4()))
-    ev.timestamp.FromDatetime(s.clock.now())
-    return id_pb.StoredEvent(event=ev, workspace_id=s.workspace_id, contact_id=contact_id)
-
-
-async def _batch(engine: Engine, events: list[id_pb.StoredEvent]) -> int:
-    before = await repository.get_cursor(engine.pool, CONSUMER)
-    return await engine.handle_events(events, before, f"{before}+{len(events)}")
-
-
 async def _mine(s: Stack, contact_id: str, campaign: pb.Campaign) -> list[pb.Enrollment]:
     resp = await s.campaign.stub.ListEnrollments(
         pb.ListEnrollmentsRequest(contact_id=contact_id, campaign_id=campaign.id), metadata=s.campaign.md
@@ -79,12 +64,12 @@ async def test_frequency_cap_is_counted_on_the_runs_own_connection(
     # The version is cached: the only read a step makes is the cap's count.
     assert await engine.graph(s.workspace_id, capped.id, capped.live_version) is not None
     contact = await new_contact(s, 91)
-    assert await _batch(engine, [_ev(s, contact, "Capped Up")]) == 1
+    assert await consume(engine, [track_event(s, contact, "Capped Up")]) == 1
     assert await asyncio.wait_for(engine.run_due(), 15) == 1
     (first,) = await _mine(s, contact, capped)
     assert await stored_sms(db_url, f"{first.id}:hello:1") == 1
     # Exit and enroll again in one batch: the new enrollment's SMS is over the cap, so skipped.
-    assert await _batch(engine, [_ev(s, contact, "Capped Out"), _ev(s, contact, "Capped Up")]) == 1
+    assert await consume(engine, [track_event(s, contact, "Capped Out"), track_event(s, contact, "Capped Up")]) == 1
     assert await asyncio.wait_for(engine.run_due(), 15) == 1
     second = next(e for e in await _mine(s, contact, capped) if e.state == pb.ENROLLMENT_STATE_ACTIVE)
     assert [(h.step_id, h.outcome) for h in second.history] == [("hello", "skipped"), ("later", "waiting")]
@@ -98,7 +83,7 @@ async def test_a_fresh_run_reads_an_uncached_version_on_its_own_connection(
     fx = Wrapped(s.campaign.server.runtime.state["effects"])
     engine = Engine(one_conn, fx, s.clock, run_fresh=True)
     contact = await new_contact(s, 92)
-    assert await _batch(engine, [_ev(s, contact, "Capped Up")]) == 1
+    assert await consume(engine, [track_event(s, contact, "Capped Up")]) == 1
     # A replica started after the publish has no graph cached for the run.
     engine._graphs.clear()
     assert await asyncio.wait_for(engine.run_fresh_queued(), 15) == 1
