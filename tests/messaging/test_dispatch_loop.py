@@ -51,13 +51,17 @@ async def test_an_unexpected_claim_error_does_not_stop_dispatch(
         return rows
 
     monkeypatch.setattr(repo, "claim_due", claim_due)
-    await stack.opt_in("+12125550301")
-    await stack.opt_in("+12125550302")
-    first = await stack.send(request_id="claim-bug-1", phone="+12125550301", body="first")
-    # Sent after the pause, well before its 60 s lease would have lapsed.
-    await eventually(lambda: sent(stack, first.id), "the message whose claim failed is sent")
-    second = await stack.send(request_id="claim-bug-2", phone="+12125550302", body="second")
-    await eventually(lambda: sent(stack, second.id), "the next message is sent")
+    try:
+        await stack.opt_in("+12125550301")
+        await stack.opt_in("+12125550302")
+        first = await stack.send(request_id="claim-bug-1", phone="+12125550301", body="first")
+        # Sent after the pause, well before its 60 s lease would have lapsed.
+        await eventually(lambda: sent(stack, first.id), "the message whose claim failed is sent")
+        second = await stack.send(request_id="claim-bug-2", phone="+12125550302", body="second")
+        await eventually(lambda: sent(stack, second.id), "the next message is sent")
+    finally:
+        # Its background dispatcher would otherwise claim the later tests' messages (one database).
+        await stack.server.stop(0)
     assert failed == [1]
     assert len(stack.twilio.to("+12125550301")) == 1
     assert len(stack.twilio.to("+12125550302")) == 1
