@@ -401,7 +401,8 @@ async def main() -> None:
     print(
         "Trigger-to-send: a live send-immediately campaign; track events through ingest at a fixed rate, one "
         "contact per event. Latency is from ingest's ack to messaging storing the SMS (ingest → identity → "
-        "event stream → enrollment → timer claim → GetContact → SendSms). All four services, Postgres and the "
+        "event stream → enrollment → the first step run right after the enrolling commit, with the contact "
+        "read → SendSms). All four services, Postgres and the "
         "load generator share this machine's cores.\n"
     )
     print(
