@@ -24,7 +24,7 @@ from services.campaign import conditions, repository, template, timing
 from services.campaign.clock import Clock
 from services.campaign.definition import Graph, definition_from_stored, kind_of
 from services.campaign.effects import ContactInfo, Effects
-from services.common.sendwindow import SendWindow, parse_hhmm
+from services.common.sendwindow import SendWindow, local_zone, parse_hhmm
 
 log = structlog.get_logger("parley.campaign.engine")
 
@@ -249,14 +249,27 @@ class Engine:
         now = now or self.clock.now()
         async with self._holding(), self.pool.acquire() as conn, conn.transaction():
             rows = await repository.claim_due(conn, now, self.batch_size)
-            if not rows:
-                return 0
-            held = _Held(conn)
-            runs = [Run(dict(r), held=held) for r in rows]
-            await self._load_graphs(conn, runs)
-            await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
-            await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
-        self.steps_run += len(runs)
+            done = await self._run_claimed(conn, rows, now)
+        self.steps_run += done
+        return done
+
+    async def _run_claimed(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[Any],
+        now: datetime,
+        prefetched: dict[tuple[str, str], asyncio.Future[ContactInfo | None] | None] | None = None,
+    ) -> int:
+        """Advance claimed rows inside the claiming transaction (their reads go through ``conn``), then save them."""
+        if not rows:
+            return 0
+        held = _Held(conn)
+        runs = [Run(dict(r), held=held) for r in rows]
+        for run in runs:
+            run.prefetch = (prefetched or {}).get((str(run.workspace_id), str(run.id)))
+        await self._load_graphs(conn, runs)
+        await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
+        await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
         return len(runs)
 
     def _holding(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -440,7 +453,7 @@ class Engine:
             if phase == "timer":
                 return Move(step.next, "done")
             contact = await self._contact(run)
-            tz = timing.zone(contact.time_zone if contact else run.row["time_zone"])
+            tz = local_zone(contact.time_zone if contact else run.row["time_zone"])
             at = timing.next_time_of_day(
                 now, parse_hhmm(step.wait_until.time), [w.lower() for w in step.wait_until.weekdays], tz
             )
@@ -477,7 +490,7 @@ class Engine:
             return Move("", "failed", "contact not found", end="contact_missing")
         if kind in ("send_sms", "call_task"):
             window = SendWindow.parse(d.send_window.start, d.send_window.end)
-            opening = window.next_opening(now, timing.zone(contact.time_zone or run.row["time_zone"]))
+            opening = window.next_opening(now, local_zone(contact.time_zone, run.row["time_zone"]))
             if opening is not None:
                 return Hold("deferred", opening, "deferred", detail="outside the send window")
         request_id = f"{run.id}:{step.id}:{run.visit}"
@@ -787,18 +800,10 @@ class Engine:
         prefetched = {(str(f.workspace_id), str(f.enrollment_id)): f.prefetch for f in batch}
         async with self._holding(), self.pool.acquire() as conn, conn.transaction():
             rows = await repository.claim_fresh(conn, [(f.workspace_id, f.enrollment_id) for f in batch], now)
-            if not rows:
-                return 0
-            held = _Held(conn)
-            runs = [Run(dict(r), held=held) for r in rows]
-            for run in runs:
-                run.prefetch = prefetched.get((str(run.workspace_id), str(run.id)))
-            await self._load_graphs(conn, runs)
-            await asyncio.gather(*(self._advance_guarded(run, now) for run in runs))
-            await repository.save_runs(conn, [r.row for r in runs], [h for r in runs for h in r.history.values()])
-        self.steps_run += len(runs)
-        self.fresh_run += len(runs)
-        return len(runs)
+            done = await self._run_claimed(conn, rows, now, prefetched)
+        self.steps_run += done
+        self.fresh_run += done
+        return done
 
     async def _fetch_contacts(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], ContactInfo | None]:
         async def one(key: tuple[str, str]) -> tuple[tuple[str, str], ContactInfo | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 _DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -25,16 +25,6 @@ def parse_duration(text: str) -> timedelta:
     if value > _MAX_DURATION:
         raise ValueError("duration must be at most 366d")
     return value
-
-
-def zone(name: str | None) -> ZoneInfo:
-    """The IANA zone, or UTC when empty or unknown (a contact without a known zone)."""
-    if name:
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    return ZoneInfo("UTC")
 
 
 def next_time_of_day(now: datetime, at: time, weekdays: Iterable[str], tz: ZoneInfo) -> datetime:

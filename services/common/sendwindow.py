@@ -9,12 +9,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # 08:00-21:00 local time: the hours the TCPA allows for telemarketing calls and texts.
 DEFAULT_START = "08:00"
 DEFAULT_END = "21:00"
+
+
+def local_zone(*names: str | None) -> ZoneInfo:
+    """The first of ``names`` that is a loadable IANA zone (a contact's, then a fallback), else UTC."""
+    for name in names:
+        if name:
+            try:
+                return ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                continue
+    return ZoneInfo("UTC")
 
 
 def parse_hhmm(value: str) -> time:

@@ -8,13 +8,13 @@ import dataclasses
 import random
 from collections import defaultdict
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 
 from services.common.phones import time_zone_of
-from services.common.sendwindow import SendWindow
+from services.common.sendwindow import SendWindow, local_zone
 from services.messaging import outcomes as oc
 from services.messaging import repository as repo
 from services.messaging.app import Messaging
@@ -257,15 +257,10 @@ class Dispatcher:
 def _zone(row: asyncpg.Record) -> ZoneInfo:
     """The message's time zone; a stored zone that does not load gives way to the phone's (or UTC)."""
     stored = row["time_zone"]
-    if stored:
-        try:
-            return ZoneInfo(stored)
-        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
-            log.warning("bad_time_zone", message_id=str(row["id"]), time_zone=stored, error=repr(exc))
-    try:
-        return ZoneInfo(time_zone_of(row["phone"], "UTC"))
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return ZoneInfo("UTC")
+    zone = local_zone(stored, time_zone_of(row["phone"], ""))
+    if stored and zone.key != stored:
+        log.warning("bad_time_zone", message_id=str(row["id"]), time_zone=stored)
+    return zone
 
 
 def _with_early(result: DispatchResult, early: tuple[str, str] | None) -> DispatchResult:

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.common.sendwindow import SendWindow, parse_hhmm
+from services.common.sendwindow import SendWindow, local_zone, parse_hhmm
 
 NY = ZoneInfo("America/New_York")
 DEFAULT = SendWindow.parse()
@@ -55,3 +55,10 @@ def test_start_in_a_spring_forward_gap_lands_inside_the_window() -> None:
 def test_malformed_times_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="HH:MM"):
         parse_hhmm(bad)
+
+
+def test_local_zone_takes_the_first_that_loads_else_utc() -> None:
+    assert local_zone("America/Chicago", "Europe/London").key == "America/Chicago"
+    assert local_zone("Mars/Olympus_Mons", "", None, "Europe/London").key == "Europe/London"
+    assert local_zone("../etc/passwd", "not a zone").key == "UTC"
+    assert local_zone().key == "UTC"
