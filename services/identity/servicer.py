@@ -19,7 +19,7 @@ from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
 
 from services.common.context import current_workspace, is_internal, workspace_or_none
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
-from services.identity import repository
+from services.identity import record, repository
 from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
 from services.identity.phones import contact_time_zone, parse_phone
@@ -147,7 +147,7 @@ class IdentityServicer(IdentityServiceServicer):
         workspace = current_workspace()
         events = list(request.events)
         _check_batch(events)
-        outcomes = await repository.record_batch(self._pool, workspace.id, events)
+        outcomes = await record.record_batch(self._pool, workspace.id, events)
         return pb.RecordEventsResponse(
             results=[
                 EventResult(

@@ -10,7 +10,7 @@ import pytest
 from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.db import create_pool
-from services.identity import repository
+from services.identity import record, repository
 from services.identity.tokens import Cursor
 from tests.identity.conftest import Identity, Tenant, identify, page, track, uid
 
@@ -100,7 +100,7 @@ async def test_an_event_committed_after_a_later_numbered_one_is_still_delivered(
             tx = conn.transaction()
             await tx.start()
             try:
-                await repository.record_events(conn, tenant.workspace.id, [held])
+                await record.record_events(conn, tenant.workspace.id, [held])
                 held_seq = await conn.fetchval(
                     "SELECT seq FROM identity.events WHERE workspace_id = $1::uuid AND message_id = $2",
                     tenant.workspace.id,

@@ -1,0 +1,417 @@
+"""Identity's write path: one batch of events stored and resolved in one transaction.
+
+A batch is resolved twice over the same reads: first optimistically, against state read
+without locks and outside the transaction, so the Python work (resolution, the write
+arrays) runs while other batches hold their locks; then the transaction takes its locks,
+reads the same state again and, when every row it depends on is the version the first
+read saw (same ``xmin``), writes the prepared plan. Only when a concurrent batch changed
+one of those rows in between is the batch resolved again under the locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+from parley.common.v1.event_pb2 import Event
+
+from services.common.errors import Aborted
+from services.identity.repository import NOTIFY_CHANNEL
+from services.identity.resolve import (
+    ContactState,
+    IdentityKey,
+    Outcome,
+    Plan,
+    StoredState,
+    UserState,
+    lock_identities,
+    resolve,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class RetryBatch(Exception):
+    """The batch read a user that a concurrent batch joined into another; run it again."""
+
+
+def _lock_key(workspace_id: str, kind: str, value: str) -> int:
+    # A signed 64-bit advisory lock key per (workspace, kind, id); a collision only serializes more.
+    digest = hashlib.blake2b(f"{workspace_id}\x00{kind}\x00{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us_to_dt(us: int) -> datetime:
+    # Exact integer arithmetic: a float of epoch seconds can be off by a microsecond.
+    return _EPOCH + timedelta(microseconds=us) if us else datetime.now(UTC)
+
+
+# Every batch lookup probes an index once per key: a LATERAL subquery with a LIMIT, which the
+# planner cannot flatten into a join. Without it, statistics that lag a growing table make
+# it pick a hash join or bitmap scan over all the workspace's rows (measured: 16 ms against
+# 2.7 ms for 500 message ids over 25k events), a cost that grows with the table, not the batch.
+_EXISTING_EVENTS = """
+    SELECT m.message_id, e.contact_id
+      FROM unnest($2::text[]) AS m(message_id)
+      JOIN LATERAL (SELECT contact_id FROM identity.events e
+                     WHERE e.workspace_id = $1 AND e.message_id = m.message_id LIMIT 1) e ON true"""
+
+_IDENTITIES = """
+    SELECT q.kind, q.external_id, i.user_key
+      FROM unnest($2::text[], $3::text[]) AS q(kind, external_id)
+      JOIN LATERAL (SELECT user_key FROM identity.identities i
+                     WHERE i.workspace_id = $1 AND i.kind = q.kind AND i.external_id = q.external_id
+                     LIMIT 1) i ON true"""
+
+_CONTACT_IDS_BY_PHONE = """
+    SELECT c.id
+      FROM unnest($2::text[]) AS p(phone)
+      JOIN LATERAL (SELECT id FROM identity.contacts c
+                     WHERE c.workspace_id = $1 AND c.phone = p.phone LIMIT 1) c ON true"""
+
+# Rows come back (and, under FOR UPDATE, are locked) in the order of the sorted keys given.
+_USERS = """
+    SELECT u.*
+      FROM unnest($2::uuid[]) WITH ORDINALITY AS k(user_key, ord)
+      JOIN LATERAL (SELECT {columns}, xmin::text AS version
+                      FROM identity.users u WHERE u.workspace_id = $1 AND u.user_key = k.user_key
+                     LIMIT 1 {lock}) u ON true
+     ORDER BY k.ord"""
+
+_CONTACTS = """
+    SELECT c.*
+      FROM unnest($2::uuid[]) WITH ORDINALITY AS k(id, ord)
+      JOIN LATERAL (SELECT {columns}, xmin::text AS version
+                      FROM identity.contacts c WHERE c.workspace_id = $1 AND c.id = k.id
+                     LIMIT 1 {lock}) c ON true
+     ORDER BY k.ord"""
+
+_EVENT_COLUMNS = (
+    "workspace_id",
+    "message_id",
+    "user_key",
+    "contact_id",
+    "recorded_contact_id",
+    "type",
+    "name",
+    "event_time",
+    "payload",
+)
+
+
+_USER_COLUMNS = "user_key, contact_id, merged_into"
+_USER_STATE_COLUMNS = _USER_COLUMNS + ", phone, phone_time, traits, trait_times, identified"
+_CONTACT_COLUMNS = "id"
+_CONTACT_STATE_COLUMNS = "id, phone, properties, property_times, phone_time_zone"
+
+
+@dataclass
+class _Read:
+    """The stored state a batch depends on, and the row versions that state came from."""
+
+    identities: dict[IdentityKey, uuid.UUID]
+    users: dict[uuid.UUID, UserState]
+    contacts: dict[uuid.UUID, ContactState]
+    versions: tuple[Any, ...]
+    # A user of the batch was just joined into another (or removed): only a locked read can tell.
+    unsettled: bool = False
+    # False: versions only, no user or contact state (what a prepared plan needs checked).
+    full: bool = True
+
+
+async def _read_state(
+    conn: asyncpg.Connection, ws: uuid.UUID, ids: set[IdentityKey], phones: set[str], *, lock: bool, full: bool = True
+) -> _Read:
+    """Identities, users and contacts of the batch, with their row versions.
+
+    With ``lock``, the users and contacts rows are locked FOR UPDATE. Without ``full``, only
+    the row versions are read: checking a prepared plan then costs no JSON decoding.
+    """
+    id_list = sorted(ids)
+    rows = await conn.fetch(_IDENTITIES, ws, [k for k, _ in id_list], [v for _, v in id_list])
+    identities = {(r["kind"], r["external_id"]): r["user_key"] for r in rows}
+    suffix = "FOR UPDATE" if lock else ""
+    user_keys = sorted(set(identities.values()))
+    columns = _USER_STATE_COLUMNS if full else _USER_COLUMNS
+    rows = await conn.fetch(_USERS.format(columns=columns, lock=suffix), ws, user_keys)
+    users: dict[uuid.UUID, UserState] = {}
+    unsettled = len(rows) != len(user_keys)  # an id pointed at a user another batch has just removed
+    contact_ids = {r["contact_id"] for r in rows if r["contact_id"] is not None}
+    for r in rows:
+        unsettled |= r["merged_into"] is not None
+        if not full:
+            continue
+        users[r["user_key"]] = UserState(
+            key=r["user_key"],
+            contact_id=r["contact_id"],
+            phone=r["phone"],
+            phone_time=r["phone_time"],
+            traits=r["traits"],
+            trait_times=r["trait_times"],
+            identified=r["identified"],
+            stored=True,
+        )
+    user_versions = tuple(r["version"] for r in rows)
+    # The batch's phones are advisory-locked in the transaction, so their contact ids cannot
+    # change under it; the contact rows are then locked in id order.
+    if phones:
+        contact_ids.update(r["id"] for r in await conn.fetch(_CONTACT_IDS_BY_PHONE, ws, sorted(phones)))
+    ordered = sorted(contact_ids)
+    columns = _CONTACT_STATE_COLUMNS if full else _CONTACT_COLUMNS
+    rows = await conn.fetch(_CONTACTS.format(columns=columns, lock=suffix), ws, ordered)
+    contacts = {
+        r["id"]: ContactState(
+            id=r["id"],
+            phone=r["phone"],
+            properties=r["properties"],
+            property_times=r["property_times"],
+            phone_time_zone=r["phone_time_zone"],
+            stored=True,
+        )
+        for r in rows
+        if full
+    }
+    versions = (
+        tuple(sorted(identities.items())),
+        tuple(user_keys),
+        user_versions,
+        tuple(ordered),
+        tuple(r["version"] for r in rows),
+    )
+    return _Read(identities, users, contacts, versions, unsettled, full)
+
+
+@dataclass
+class _Writes:
+    """A plan turned into statement arguments, ready to run."""
+
+    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+def _writes(ws: uuid.UUID, plan: Plan) -> _Writes:
+    out = _Writes()
+    add = out.statements.append
+    if plan.adopt:
+        # Earlier events of a user become its first contact's (stream rows keep recorded_contact_id).
+        add(
+            (
+                """UPDATE identity.events e SET contact_id = a.contact_id
+                     FROM unnest($2::uuid[], $3::uuid[]) AS a(user_key, contact_id)
+                    WHERE e.workspace_id = $1 AND e.user_key = a.user_key AND e.contact_id IS NULL""",
+                (ws, [k for k, _ in plan.adopt], [c for _, c in plan.adopt]),
+            )
+        )
+    if plan.merges:
+        gone, into = [g for g, _ in plan.merges], [i for _, i in plan.merges]
+        for table in ("identities", "events"):
+            add(
+                (
+                    f"""UPDATE identity.{table} t SET user_key = m.into_key
+                          FROM unnest($2::uuid[], $3::uuid[]) AS m(gone, into_key)
+                         WHERE t.workspace_id = $1 AND t.user_key = m.gone""",
+                    (ws, gone, into),
+                )
+            )
+        add(
+            (
+                """WITH moved AS (
+                       DELETE FROM identity.contact_users cu USING unnest($2::uuid[], $3::uuid[]) AS m(gone, into_key)
+                        WHERE cu.workspace_id = $1 AND cu.user_key = m.gone
+                    RETURNING cu.contact_id, m.into_key)
+                   INSERT INTO identity.contact_users (workspace_id, contact_id, user_key)
+                   SELECT $1, contact_id, into_key FROM moved ON CONFLICT DO NOTHING""",
+                (ws, gone, into),
+            )
+        )
+    if plan.new_identities:
+        add(
+            (
+                """INSERT INTO identity.identities (workspace_id, kind, external_id, user_key)
+                   SELECT $1, kind, external_id, user_key
+                     FROM unnest($2::text[], $3::text[], $4::uuid[]) AS n(kind, external_id, user_key)
+                   ON CONFLICT DO NOTHING""",
+                (
+                    ws,
+                    [k for k, _, _ in plan.new_identities],
+                    [e for _, e, _ in plan.new_identities],
+                    [u for _, _, u in plan.new_identities],
+                ),
+            )
+        )
+    if plan.users:
+        us = plan.users
+        add(
+            (
+                """INSERT INTO identity.users (workspace_id, user_key, contact_id, phone, phone_time, traits,
+                                              trait_times, identified, merged_into)
+                   SELECT $1, k, c, p, pt, t::jsonb, tt::jsonb, idf, m
+                     FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::int8[], $6::text[], $7::text[],
+                                 $8::bool[], $9::uuid[]) AS u(k, c, p, pt, t, tt, idf, m)
+                   ON CONFLICT (workspace_id, user_key) DO UPDATE
+                      SET contact_id = EXCLUDED.contact_id, phone = EXCLUDED.phone, phone_time = EXCLUDED.phone_time,
+                          traits = EXCLUDED.traits, trait_times = EXCLUDED.trait_times,
+                          identified = EXCLUDED.identified, merged_into = EXCLUDED.merged_into,
+                          update_time = now()""",
+                (
+                    ws,
+                    [u.key for u in us],
+                    [u.contact_id for u in us],
+                    [u.phone for u in us],
+                    [u.phone_time for u in us],
+                    [json.dumps(u.traits) for u in us],
+                    [json.dumps(u.trait_times) for u in us],
+                    [u.identified for u in us],
+                    [u.merged_into for u in us],
+                ),
+            )
+        )
+    if plan.contacts:
+        cs = plan.contacts
+        add(
+            (
+                """INSERT INTO identity.contacts (workspace_id, id, phone, properties, property_times, phone_time_zone)
+                   SELECT $1, i, p, pr::jsonb, pt::jsonb, tz
+                     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[]) AS c(i, p, pr, pt, tz)
+                   ON CONFLICT (workspace_id, id) DO UPDATE
+                      SET properties = EXCLUDED.properties, property_times = EXCLUDED.property_times,
+                          update_time = now()""",
+                (
+                    ws,
+                    [c.id for c in cs],
+                    [c.phone for c in cs],
+                    [json.dumps(c.properties) for c in cs],
+                    [json.dumps(c.property_times) for c in cs],
+                    [c.phone_time_zone for c in cs],
+                ),
+            )
+        )
+    if plan.contact_users:
+        add(
+            (
+                """INSERT INTO identity.contact_users (workspace_id, contact_id, user_key)
+                   SELECT $1, c, u FROM unnest($2::uuid[], $3::uuid[]) AS cu(c, u) ON CONFLICT DO NOTHING""",
+                (ws, [c for c, _ in plan.contact_users], [u for _, u in plan.contact_users]),
+            )
+        )
+    # In event-time order, so stream sequence numbers follow it within a batch.
+    out.events = [
+        (
+            ws,
+            e.event.message_id,
+            e.user_key,
+            e.contact_id,
+            e.contact_id,
+            e.event.type,
+            e.event.name,
+            _us_to_dt(e.time_us),
+            e.event.SerializeToString(),
+        )
+        for e in sorted(plan.events, key=lambda e: (e.time_us, e.index))
+    ]
+    return out
+
+
+async def _run_writes(conn: asyncpg.Connection, ws: uuid.UUID, writes: _Writes) -> None:
+    for sql, args in writes.statements:
+        await conn.execute(sql, *args)
+    if writes.events:
+        # COPY, a plain insert: a message_id another batch stored concurrently (the message_id
+        # check takes no lock) fails the transaction, and the retry reports it as a duplicate.
+        await conn.copy_records_to_table(
+            "events", schema_name="identity", columns=_EVENT_COLUMNS, records=writes.events
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(ws))
+
+
+@dataclass
+class Prepared:
+    """A batch resolved against state read without locks: valid while that state is unchanged."""
+
+    versions: tuple[Any, ...]
+    existing: dict[str, uuid.UUID | None]
+    plan: Plan
+    writes: _Writes
+
+
+async def _existing(conn: asyncpg.Connection, ws: uuid.UUID, events: Sequence[Event]) -> dict[str, uuid.UUID | None]:
+    """message_id -> current contact of the batch's events already stored."""
+    rows = await conn.fetch(_EXISTING_EVENTS, ws, list({e.message_id for e in events}))
+    return {r["message_id"]: r["contact_id"] for r in rows}
+
+
+async def prepare(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> Prepared | None:
+    """Resolve a batch outside any transaction, without locks; None when only a locked read can."""
+    ws = uuid.UUID(workspace_id)
+    ids, phones = lock_identities(events)
+    read = await _read_state(conn, ws, ids, phones, lock=False)
+    existing = await _existing(conn, ws, events)
+    if read.unsettled:
+        return None
+    plan = resolve(events, StoredState(read.identities, read.users, read.contacts, existing))
+    return Prepared(read.versions, existing, plan, _writes(ws, plan))
+
+
+async def record_events(
+    conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event], prepared: Prepared | None = None
+) -> list[Outcome]:
+    """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements.
+
+    Locks first, in one global order so concurrent batches never deadlock: advisory locks on
+    the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
+    contact rows (sorted). ``prepared`` is written as is when the locked read finds the rows
+    it was resolved against unchanged; otherwise the batch is resolved on the locked rows.
+    """
+    ws = uuid.UUID(workspace_id)
+    ids, phones = lock_identities(events)
+    keys = sorted(
+        {_lock_key(workspace_id, kind, value) for kind, value in ids}
+        | {_lock_key(workspace_id, "phone", p) for p in phones}
+    )
+    # The events lock comes first, before this transaction has an xid: stream readers rely on
+    # every transaction that can add events holding it whenever it has an xid.
+    await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
+    await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", keys)
+    read = await _read_state(conn, ws, ids, phones, lock=True, full=prepared is None)
+    if read.unsettled:
+        raise RetryBatch
+    if prepared is not None and prepared.versions == read.versions:
+        plan, writes = prepared.plan, prepared.writes
+    else:
+        if not read.full:
+            # A concurrent batch changed a row the plan read; these rows are locked now.
+            log.debug("record_reresolve", events=len(events))
+            read = await _read_state(conn, ws, ids, phones, lock=True)
+        existing = prepared.existing if prepared is not None else await _existing(conn, ws, events)
+        plan = resolve(events, StoredState(read.identities, read.users, read.contacts, existing))
+        writes = _writes(ws, plan)
+    await _run_writes(conn, ws, writes)
+    return plan.outcomes
+
+
+async def record_batch(
+    pool: asyncpg.Pool, workspace_id: str, events: Sequence[Event], attempts: int = 8
+) -> list[Outcome]:
+    """Store one batch in one transaction; it commits whole or not at all. Retries lost races."""
+    for attempt in range(attempts):
+        try:
+            async with pool.acquire() as conn:
+                prepared = await prepare(conn, workspace_id, events)
+                async with conn.transaction():
+                    return await record_events(conn, workspace_id, events, prepared)
+        except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
+            # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
+            if attempt == attempts - 1:
+                raise Aborted("the batch kept losing races with concurrent batches; nothing was stored, retry") from exc
+            log.info("record_retry", attempt=attempt + 1, reason=type(exc).__name__)
+    raise AssertionError("unreachable")
