@@ -1,12 +1,4 @@
-"""Identity's write path: one batch of events stored and resolved in one transaction.
-
-A batch is resolved twice over the same reads: first optimistically, against state read
-without locks and outside the transaction, so the Python work (resolution, the write
-arrays) runs while other batches hold their locks; then the transaction takes its locks,
-reads the same state again and, when every row it depends on is the version the first
-read saw (same ``xmin``), writes the prepared plan. Only when a concurrent batch changed
-one of those rows in between is the batch resolved again under the locks.
-"""
+"""Identity's write path: one batch of events stored and resolved in one transaction."""
 
 from __future__ import annotations
 
@@ -79,21 +71,21 @@ _CONTACT_IDS_BY_PHONE = """
       JOIN LATERAL (SELECT id FROM identity.contacts c
                      WHERE c.workspace_id = $1 AND c.phone = p.phone LIMIT 1) c ON true"""
 
-# Rows come back (and, under FOR UPDATE, are locked) in the order of the sorted keys given.
+# Rows are locked, and come back, in the order of the sorted keys given.
 _USERS = """
     SELECT u.*
       FROM unnest($2::uuid[]) WITH ORDINALITY AS k(user_key, ord)
-      JOIN LATERAL (SELECT {columns}, xmin::text AS version
+      JOIN LATERAL (SELECT user_key, contact_id, phone, phone_time, traits, trait_times, identified, merged_into
                       FROM identity.users u WHERE u.workspace_id = $1 AND u.user_key = k.user_key
-                     LIMIT 1 {lock}) u ON true
+                     LIMIT 1 FOR UPDATE) u ON true
      ORDER BY k.ord"""
 
 _CONTACTS = """
     SELECT c.*
       FROM unnest($2::uuid[]) WITH ORDINALITY AS k(id, ord)
-      JOIN LATERAL (SELECT {columns}, xmin::text AS version
+      JOIN LATERAL (SELECT id, phone, properties, property_times, phone_time_zone
                       FROM identity.contacts c WHERE c.workspace_id = $1 AND c.id = k.id
-                     LIMIT 1 {lock}) c ON true
+                     LIMIT 1 FOR UPDATE) c ON true
      ORDER BY k.ord"""
 
 _EVENT_COLUMNS = (
@@ -109,48 +101,21 @@ _EVENT_COLUMNS = (
 )
 
 
-_USER_COLUMNS = "user_key, contact_id, merged_into"
-_USER_STATE_COLUMNS = _USER_COLUMNS + ", phone, phone_time, traits, trait_times, identified"
-_CONTACT_COLUMNS = "id"
-_CONTACT_STATE_COLUMNS = "id, phone, properties, property_times, phone_time_zone"
-
-
-@dataclass
-class _Read:
-    """The stored state a batch depends on, and the row versions that state came from."""
-
-    identities: dict[IdentityKey, uuid.UUID]
-    users: dict[uuid.UUID, UserState]
-    contacts: dict[uuid.UUID, ContactState]
-    versions: tuple[Any, ...]
-    # A user of the batch was just joined into another (or removed): only a locked read can tell.
-    unsettled: bool = False
-    # False: versions only, no user or contact state (what a prepared plan needs checked).
-    full: bool = True
-
-
-async def _read_state(
-    conn: asyncpg.Connection, ws: uuid.UUID, ids: set[IdentityKey], phones: set[str], *, lock: bool, full: bool = True
-) -> _Read:
-    """Identities, users and contacts of the batch, with their row versions.
-
-    With ``lock``, the users and contacts rows are locked FOR UPDATE. Without ``full``, only
-    the row versions are read: checking a prepared plan then costs no JSON decoding.
-    """
+async def _locked_state(
+    conn: asyncpg.Connection, ws: uuid.UUID, ids: set[IdentityKey], phones: set[str], events: Sequence[Event]
+) -> StoredState:
+    """What the batch touches — ids, users, contacts, stored message ids — with users and contacts locked."""
     id_list = sorted(ids)
     rows = await conn.fetch(_IDENTITIES, ws, [k for k, _ in id_list], [v for _, v in id_list])
     identities = {(r["kind"], r["external_id"]): r["user_key"] for r in rows}
-    suffix = "FOR UPDATE" if lock else ""
     user_keys = sorted(set(identities.values()))
-    columns = _USER_STATE_COLUMNS if full else _USER_COLUMNS
-    rows = await conn.fetch(_USERS.format(columns=columns, lock=suffix), ws, user_keys)
+    rows = await conn.fetch(_USERS, ws, user_keys)
+    if len(rows) != len(user_keys):
+        raise RetryBatch  # an id pointed at a user another batch has just removed
     users: dict[uuid.UUID, UserState] = {}
-    unsettled = len(rows) != len(user_keys)  # an id pointed at a user another batch has just removed
-    contact_ids = {r["contact_id"] for r in rows if r["contact_id"] is not None}
     for r in rows:
-        unsettled |= r["merged_into"] is not None
-        if not full:
-            continue
+        if r["merged_into"] is not None:
+            raise RetryBatch
         users[r["user_key"]] = UserState(
             key=r["user_key"],
             contact_id=r["contact_id"],
@@ -161,14 +126,12 @@ async def _read_state(
             identified=r["identified"],
             stored=True,
         )
-    user_versions = tuple(r["version"] for r in rows)
-    # The batch's phones are advisory-locked in the transaction, so their contact ids cannot
-    # change under it; the contact rows are then locked in id order.
+    # The batch's phones are advisory-locked, so their contact ids cannot change under it;
+    # the contact rows are then locked in id order.
+    contact_ids = {u.contact_id for u in users.values() if u.contact_id is not None}
     if phones:
         contact_ids.update(r["id"] for r in await conn.fetch(_CONTACT_IDS_BY_PHONE, ws, sorted(phones)))
-    ordered = sorted(contact_ids)
-    columns = _CONTACT_STATE_COLUMNS if full else _CONTACT_COLUMNS
-    rows = await conn.fetch(_CONTACTS.format(columns=columns, lock=suffix), ws, ordered)
+    rows = await conn.fetch(_CONTACTS, ws, sorted(contact_ids))
     contacts = {
         r["id"]: ContactState(
             id=r["id"],
@@ -179,16 +142,10 @@ async def _read_state(
             stored=True,
         )
         for r in rows
-        if full
     }
-    versions = (
-        tuple(sorted(identities.items())),
-        tuple(user_keys),
-        user_versions,
-        tuple(ordered),
-        tuple(r["version"] for r in rows),
-    )
-    return _Read(identities, users, contacts, versions, unsettled, full)
+    rows = await conn.fetch(_EXISTING_EVENTS, ws, list({e.message_id for e in events}))
+    existing = {r["message_id"]: r["contact_id"] for r in rows}
+    return StoredState(identities, users, contacts, existing)
 
 
 @dataclass
@@ -334,43 +291,12 @@ async def _run_writes(conn: asyncpg.Connection, ws: uuid.UUID, writes: _Writes) 
         await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(ws))
 
 
-@dataclass
-class Prepared:
-    """A batch resolved against state read without locks: valid while that state is unchanged."""
-
-    versions: tuple[Any, ...]
-    existing: dict[str, uuid.UUID | None]
-    plan: Plan
-    writes: _Writes
-
-
-async def _existing(conn: asyncpg.Connection, ws: uuid.UUID, events: Sequence[Event]) -> dict[str, uuid.UUID | None]:
-    """message_id -> current contact of the batch's events already stored."""
-    rows = await conn.fetch(_EXISTING_EVENTS, ws, list({e.message_id for e in events}))
-    return {r["message_id"]: r["contact_id"] for r in rows}
-
-
-async def prepare(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> Prepared | None:
-    """Resolve a batch outside any transaction, without locks; None when only a locked read can."""
-    ws = uuid.UUID(workspace_id)
-    ids, phones = lock_identities(events)
-    read = await _read_state(conn, ws, ids, phones, lock=False)
-    existing = await _existing(conn, ws, events)
-    if read.unsettled:
-        return None
-    plan = resolve(events, StoredState(read.identities, read.users, read.contacts, existing))
-    return Prepared(read.versions, existing, plan, _writes(ws, plan))
-
-
-async def record_events(
-    conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event], prepared: Prepared | None = None
-) -> list[Outcome]:
+async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
     """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements.
 
     Locks first, in one global order so concurrent batches never deadlock: advisory locks on
     the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
-    contact rows (sorted). ``prepared`` is written as is when the locked read finds the rows
-    it was resolved against unchanged; otherwise the batch is resolved on the locked rows.
+    contact rows (sorted). Everything after works on locked rows only.
     """
     ws = uuid.UUID(workspace_id)
     ids, phones = lock_identities(events)
@@ -382,20 +308,8 @@ async def record_events(
     # every transaction that can add events holding it whenever it has an xid.
     await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
     await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", keys)
-    read = await _read_state(conn, ws, ids, phones, lock=True, full=prepared is None)
-    if read.unsettled:
-        raise RetryBatch
-    if prepared is not None and prepared.versions == read.versions:
-        plan, writes = prepared.plan, prepared.writes
-    else:
-        if not read.full:
-            # A concurrent batch changed a row the plan read; these rows are locked now.
-            log.debug("record_reresolve", events=len(events))
-            read = await _read_state(conn, ws, ids, phones, lock=True)
-        existing = prepared.existing if prepared is not None else await _existing(conn, ws, events)
-        plan = resolve(events, StoredState(read.identities, read.users, read.contacts, existing))
-        writes = _writes(ws, plan)
-    await _run_writes(conn, ws, writes)
+    plan = resolve(events, await _locked_state(conn, ws, ids, phones, events))
+    await _run_writes(conn, ws, _writes(ws, plan))
     return plan.outcomes
 
 
@@ -405,10 +319,8 @@ async def record_batch(
     """Store one batch in one transaction; it commits whole or not at all. Retries lost races."""
     for attempt in range(attempts):
         try:
-            async with pool.acquire() as conn:
-                prepared = await prepare(conn, workspace_id, events)
-                async with conn.transaction():
-                    return await record_events(conn, workspace_id, events, prepared)
+            async with pool.acquire() as conn, conn.transaction():
+                return await record_events(conn, workspace_id, events)
         except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
             # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
             if attempt == attempts - 1:
