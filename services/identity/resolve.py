@@ -27,10 +27,13 @@ _IDENTIFY = int(EventType.EVENT_TYPE_IDENTIFY)
 
 def event_time_us(event: Event) -> int:
     """The event's time in epoch microseconds: its skew-corrected timestamp, else when it was received."""
-    for ts in (event.timestamp, event.received_at):
-        if ts.seconds or ts.nanos:
-            return ts.seconds * 1_000_000 + ts.nanos // 1000
-    return 0
+    # Ingest always sets the timestamp; the received_at wrapper is only made when it is missing.
+    ts = event.timestamp
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (seconds or nanos):
+        ts = event.received_at
+        seconds, nanos = ts.seconds, ts.nanos
+    return seconds * 1_000_000 + nanos // 1000
 
 
 def merge_properties(properties: dict[str, Any], times: dict[str, int], changes: dict[str, Any], at: int) -> bool:
