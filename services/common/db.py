@@ -16,10 +16,25 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
+def _jsonb_encode(value: object) -> bytes:
+    return _JSONB_VERSION + json.dumps(value).encode()
+
+
+def _jsonb_decode(data: bytes) -> object:
+    return json.loads(data[1:])
+
+
+# jsonb's binary wire format: a version byte, then the JSON text.
+_JSONB_VERSION = b"\x01"
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # json/jsonb columns read and write Python objects.
-    for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # json/jsonb columns read and write Python objects. jsonb in binary format, so COPY (binary
+    # only) can write jsonb columns too.
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
