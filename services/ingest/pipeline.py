@@ -12,6 +12,10 @@ from services.common.errors import Violation
 from services.ingest.forward import MAX_FORWARD, Forwarder
 from services.ingest.normalize import Limits, normalize_event
 
+# Plain ints: enum attribute lookups are slow on this hot path.
+_REJECTED = int(EventStatus.EVENT_STATUS_REJECTED)
+_DUPLICATE = int(EventStatus.EVENT_STATUS_DUPLICATE)
+
 # (index of the event in the caller's numbering, the event, field relative to it) -> field path.
 Namer = Callable[[int, Event, str], str]
 
@@ -60,14 +64,19 @@ class Ingestor:
         received = Timestamp()
         received.GetCurrentTime()
         region = workspace.default_region or "US"
+        limits = self.limits
         results: list[EventResult | None] = [None] * len(events)
         forward: list[Event] = []
         forward_slots: list[int] = []
         first_seen: dict[str, int] = {}
         duplicates: list[tuple[int, int]] = []
         for slot, maybe in enumerate(events):
-            event = maybe if maybe is not None else Event()
-            violations = normalize_event(event, region, received, self.limits) if maybe is not None else []
+            if maybe is None:
+                event = Event()
+                violations: list[Violation] = []
+            else:
+                event = maybe
+                violations = normalize_event(event, region, received, limits)
             earlier = prior.get(slot) if prior else None
             if violations or earlier:
                 index = base_index + slot
@@ -76,32 +85,32 @@ class Ingestor:
                     FieldViolation(field=namer(index, event, v.field), description=v.description) for v in violations
                 )
                 results[slot] = EventResult(
-                    index=index,
-                    message_id=event.message_id,
-                    status=EventStatus.EVENT_STATUS_REJECTED,
-                    violations=named,
+                    index=index, message_id=event.message_id, status=_REJECTED, violations=named
                 )
                 continue
-            position = first_seen.get(event.message_id)
+            message_id = event.message_id
+            position = first_seen.get(message_id)
             if position is not None:
                 duplicates.append((slot, position))
                 continue
-            first_seen[event.message_id] = len(forward)
+            first_seen[message_id] = len(forward)
             forward.append(event)
             forward_slots.append(slot)
 
-        committed: list[EventResult] = []
-        for start in range(0, len(forward), MAX_FORWARD):
-            committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
-        for position, result in enumerate(committed):
-            slot = forward_slots[position]
+        if len(forward) <= MAX_FORWARD:
+            committed = await self._forwarder.record(forward, workspace) if forward else []
+        else:
+            committed = []
+            for start in range(0, len(forward), MAX_FORWARD):
+                committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
+        for slot, result in zip(forward_slots, committed, strict=False):
             result.index = base_index + slot
             results[slot] = result
         for slot, position in duplicates:
             results[slot] = EventResult(
                 index=base_index + slot,
                 message_id=forward[position].message_id,
-                status=EventStatus.EVENT_STATUS_DUPLICATE,
+                status=_DUPLICATE,
                 contact_id=committed[position].contact_id,
             )
         return [r for r in results if r is not None]

@@ -23,16 +23,24 @@ _SINGLE = single_namer("event")
 _BATCH = batch_namer("events")
 
 
+# Plain ints: enum attribute lookups cost about a microsecond per result.
+_ACCEPTED = int(EventStatus.EVENT_STATUS_ACCEPTED)
+_DUPLICATE = int(EventStatus.EVENT_STATUS_DUPLICATE)
+
+
 def _counts(results: Sequence[EventResult]) -> dict[str, int]:
-    counts = {"accepted_count": 0, "duplicate_count": 0, "rejected_count": 0}
+    accepted = duplicate = 0
     for r in results:
-        if r.status == EventStatus.EVENT_STATUS_ACCEPTED:
-            counts["accepted_count"] += 1
-        elif r.status == EventStatus.EVENT_STATUS_DUPLICATE:
-            counts["duplicate_count"] += 1
-        else:
-            counts["rejected_count"] += 1
-    return counts
+        status = r.status
+        if status == _ACCEPTED:
+            accepted += 1
+        elif status == _DUPLICATE:
+            duplicate += 1
+    return {
+        "accepted_count": accepted,
+        "duplicate_count": duplicate,
+        "rejected_count": len(results) - accepted - duplicate,
+    }
 
 
 class IngestServicer(IngestServiceServicer):
