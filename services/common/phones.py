@@ -28,6 +28,25 @@ def to_e164(raw: str, region: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+@functools.lru_cache(maxsize=200_000)
+def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
+    """``to_e164`` and ``time_zone_of`` from one parse: (E.164, first known zone or ''), None when no valid number."""
+    try:
+        number = phonenumbers.parse(raw, region or "US")
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), _first_zone(number, "")
+
+
+def _first_zone(number: phonenumbers.PhoneNumber, default: str) -> str:
+    for zone in phone_timezone.time_zones_for_number(number):
+        if zone != phone_timezone.UNKNOWN_TIMEZONE:
+            return zone
+    return default
+
+
 def require_e164(raw: str, region: str, field: str = "phone") -> str:
     """``raw`` in E.164; INVALID_ARGUMENT naming ``field`` when it is missing or no valid number."""
     if not raw or not raw.strip():
@@ -42,13 +61,10 @@ def require_e164(raw: str, region: str, field: str = "phone") -> str:
 def time_zone_of(e164: str, default: str = "") -> str:
     """The first IANA zone phonenumbers knows for the number, else ``default``."""
     try:
-        zones = phone_timezone.time_zones_for_number(phonenumbers.parse(e164, None))
+        number = phonenumbers.parse(e164, None)
     except phonenumbers.NumberParseException:
         return default
-    for zone in zones:
-        if zone != phone_timezone.UNKNOWN_TIMEZONE:
-            return zone
-    return default
+    return _first_zone(number, default)
 
 
 @functools.lru_cache(maxsize=1)

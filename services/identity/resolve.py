@@ -283,10 +283,12 @@ class _Resolver:
                 self.register(ANONYMOUS, e.previous_id, key)
         return user
 
-    def contact_for_phone(self, phone: str) -> ContactState:
+    def contact_for_phone(self, phone: str, zone: str) -> ContactState:
         contact = self.by_phone.get(phone)
         if contact is None:
-            contact = ContactState(id=self.new_id(), phone=phone, phone_time_zone=phone_time_zone(phone), dirty=True)
+            # Ingest sends the zone it found when it parsed the number; other callers may not.
+            zone = zone or phone_time_zone(phone)
+            contact = ContactState(id=self.new_id(), phone=phone, phone_time_zone=zone, dirty=True)
             self.by_phone[phone] = contact
             self.s.contacts[contact.id] = contact
         return contact
@@ -297,7 +299,7 @@ class _Resolver:
         ev.user_key = user.key if user else None
         contact: ContactState | None = None
         if e.phone:
-            contact = self.contact_for_phone(e.phone)
+            contact = self.contact_for_phone(e.phone, e.phone_time_zone)
             if user is not None:
                 self.contact_users.add((contact.id, user.key))
                 if user.contact_id is None:

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.errors import Violation
-from services.common.phones import to_e164
+from services.common.phones import e164_and_zone
 
 NANOS = 1_000_000_000
 # Oldest event time accepted: 2000-01-01T00:00:00Z. Older stamps come from unset device clocks.
@@ -188,7 +188,7 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
         ctx_traits = context.fields["traits"]
         if ctx_traits.WhichOneof("kind") == "struct_value" and "phone" in ctx_traits.struct_value.fields:
             sources.append(("context.traits.phone", ctx_traits.struct_value.fields["phone"]))
-    phone = ""
+    phone = zone = ""
     phone_given = False
     for field, value in sources:
         text = _phone_text(value)
@@ -199,13 +199,16 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
         if not text:
             continue
         phone_given = True
-        e164 = to_e164(text, region)
-        if e164 is None:
+        # The zone comes from the same parse: identity stores it on a contact it creates.
+        found = e164_and_zone(text, region)
+        if found is None:
             out.append(Violation(field, "not a valid phone number"))
         elif not phone:
-            phone = e164
+            phone, zone = found
     if phone or event.phone:  # reading is cheaper than writing the usual ""
         event.phone = phone
+    if zone or event.phone_time_zone:
+        event.phone_time_zone = zone
 
     if kind == ALIAS:
         if not previous_id:

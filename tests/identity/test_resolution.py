@@ -151,6 +151,20 @@ async def test_late_identify_with_an_old_phone_does_not_move_the_user_back(ident
     assert got.results[0].contact_id and got.results[0].contact_id != newer.contact.id
 
 
+async def test_a_new_contact_takes_the_zone_ingest_found_else_looks_it_up(identity: Identity, tenant: Tenant) -> None:
+    # Ingest parses the number once and sends its zone; identity trusts it (internal callers only).
+    sent = "+14155550123"
+    found = identify({"phone": sent}, user_id=uid(), phone=sent, phone_time_zone="America/Denver")
+    await identity.record(tenant, found)
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(phone=sent), metadata=tenant.md)).contact
+    assert contact.time_zone == "America/Denver"
+    # Without one (another internal caller), identity finds the phone's zone itself.
+    bare = "+12125550123"
+    await identity.record(tenant, identify({"phone": bare}, user_id=uid(), phone=bare))
+    contact = (await identity.stub.GetContact(ipb.GetContactRequest(phone=bare), metadata=tenant.md)).contact
+    assert contact.time_zone == "America/New_York"
+
+
 async def test_time_zone_property_overrides_the_phone_zone(identity: Identity, tenant: Tenant) -> None:
     user = uid()
     await identity.record(tenant, identify({"phone": PHONE, "time_zone": "Europe/Paris"}, user_id=user, phone=PHONE))

@@ -10,6 +10,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventType
 
+from services.common.phones import time_zone_of
 from services.common.phones import to_e164 as normalize_phone
 from services.ingest.normalize import Limits, normalize_event, too_deep
 
@@ -52,6 +53,31 @@ def check(event: Event, region: str = "US") -> list[tuple[str, str]]:
 )
 def test_phone_formats_normalize_to_e164(raw: str) -> None:
     assert normalize_phone(raw, "US") == "+14155552671"
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "zone"),
+    [
+        ("(415) 555-2671", "US", "America/Los_Angeles"),
+        ("tel:+1-212-555-0100", "US", "America/New_York"),
+        ("020 7946 0958", "GB", "Europe/London"),
+        ("+33 1 42 68 53 00", "US", "Europe/Paris"),
+    ],
+)
+def test_the_phone_zone_comes_from_the_same_parse(raw: str, region: str, zone: str) -> None:
+    event = track(traits=struct({"phone": raw}))
+    assert check(event, region) == []
+    assert event.phone == normalize_phone(raw, region)
+    assert event.phone_time_zone == zone == time_zone_of(event.phone)
+
+
+def test_a_zone_sent_by_the_client_is_replaced_or_cleared() -> None:
+    event = track(traits=struct({"phone": "(415) 555-2671"}), phone_time_zone="Asia/Tokyo")
+    assert check(event) == [] and event.phone_time_zone == "America/Los_Angeles"
+    no_phone = track(phone="+14155552671", phone_time_zone="Asia/Tokyo")
+    assert check(no_phone) == [] and (no_phone.phone, no_phone.phone_time_zone) == ("", "")
+    bad = track(traits=struct({"phone": "12"}), phone_time_zone="Asia/Tokyo")
+    assert check(bad) == [("traits.phone", "not a valid phone number")] and bad.phone_time_zone == ""
 
 
 def test_phone_uses_the_workspace_region() -> None:
