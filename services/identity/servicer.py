@@ -117,7 +117,7 @@ def _check_batch(events: Sequence[Event]) -> None:
         raise InvalidArgument(bad)
 
 
-_TEXT_FIELDS = ("message_id", "anonymous_id", "user_id", "name", "previous_id", "group_id", "phone")
+_TEXT_FIELDS = ("message_id", "anonymous_id", "user_id", "name", "previous_id", "group_id", "phone", "phone_time_zone")
 
 
 def _has_nul(value: Struct | ListValue | Value) -> bool:

@@ -103,7 +103,7 @@ class Ingestor:
             committed = []
             for start in range(0, len(forward), MAX_FORWARD):
                 committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
-        for slot, result in zip(forward_slots, committed, strict=False):
+        for slot, result in zip(forward_slots, committed, strict=True):
             result.index = base_index + slot
             results[slot] = result
         for slot, position in duplicates:

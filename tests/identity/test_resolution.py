@@ -277,7 +277,14 @@ async def test_nul_characters_are_refused_before_the_database(identity: Identity
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await identity.record(
-            tenant, track(user_id="a\x00b"), identify({"nested": {"k": ["ok", "n\x00"]}}, user_id="u")
+            tenant,
+            track(user_id="a\x00b"),
+            identify({"nested": {"k": ["ok", "n\x00"]}}, user_id="u"),
+            identify({"phone": PHONE}, user_id="v", phone=PHONE, phone_time_zone="Europe/\x00"),
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert [v.field for v in await field_violations(info.value)] == ["events[0].user_id", "events[1].traits"]
+    assert [v.field for v in await field_violations(info.value)] == [
+        "events[0].user_id",
+        "events[1].traits",
+        "events[2].phone_time_zone",
+    ]
