@@ -13,29 +13,29 @@ from phonenumbers import timezone as phone_timezone
 from services.common.errors import InvalidArgument
 
 
+def _valid_number(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
+    try:
+        number = phonenumbers.parse(raw, region or "US")
+    except phonenumbers.NumberParseException:
+        return None
+    return number if phonenumbers.is_valid_number(number) else None
+
+
 @functools.lru_cache(maxsize=200_000)
 def to_e164(raw: str, region: str) -> str | None:
     """E.164 form of ``raw`` (any format, ``tel:`` URIs too) read in ``region``; None when no valid number.
 
     Cached: parsing costs tens of microseconds, and the same numbers arrive again and again.
     """
-    try:
-        number = phonenumbers.parse(raw, region or "US")
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(number):
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    number = _valid_number(raw, region)
+    return None if number is None else phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 @functools.lru_cache(maxsize=200_000)
 def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     """``to_e164`` and ``time_zone_of`` from one parse: (E.164, first known zone or ''), None when no valid number."""
-    try:
-        number = phonenumbers.parse(raw, region or "US")
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(number):
+    number = _valid_number(raw, region)
+    if number is None:
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), _first_zone(number, "")
 

@@ -29,9 +29,9 @@ def struct(value: dict[str, Any]) -> Struct:
     return s
 
 
-def nested(depth: int) -> dict[str, Any]:
-    """An object that is ``depth`` levels deep (itself included)."""
-    value: dict[str, Any] = {"leaf": 1}
+def nested(depth: int, leaf: Any = 1) -> dict[str, Any]:
+    """An object that is ``depth`` levels deep (itself included), ``leaf`` at the bottom."""
+    value: dict[str, Any] = {"leaf": leaf}
     for _ in range(depth - 1):
         value = {"inner": value}
     return value

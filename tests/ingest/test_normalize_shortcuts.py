@@ -3,37 +3,21 @@ bytes, remembered contexts, timestamp presence, and the batch response's counts.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
 
 from services.ingest.normalize import Limits, normalize_event, too_deep
 from services.ingest.servicer import _counts
-
-NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+from tests.ingest.test_normalize import NOW, nested, struct
 
 
 def received() -> Timestamp:
     out = Timestamp()
     out.FromDatetime(NOW)
     return out
-
-
-def struct(value: dict[str, Any]) -> Struct:
-    s = Struct()
-    s.update(value)
-    return s
-
-
-def nested(depth: int, leaf: Any = 1) -> dict[str, Any]:
-    value: dict[str, Any] = {"leaf": leaf}
-    for _ in range(depth - 1):
-        value = {"inner": value}
-    return value
 
 
 def check(event: Event, limits: Limits | None = None) -> list[tuple[str, str]]:
