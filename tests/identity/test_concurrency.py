@@ -8,8 +8,11 @@ import random
 import asyncpg
 import pytest
 from parley.common.v1.event_pb2 import Event, EventStatus, EventType
+from parley.identity.v1 import identity_service_pb2 as ipb
 
-from tests.identity.conftest import Identity, Tenant, event, identify, page, track
+from services.common.db import create_pool
+from services.identity import record
+from tests.identity.conftest import Identity, Tenant, event, identify, page, track, uid
 
 WRITERS = 24
 PHONES = ["+14155552671", "+14155550100", "+14155550101", "+14155550102"]
@@ -78,3 +81,39 @@ async def test_concurrent_batches_on_overlapping_users_and_phones(
         assert users == 8
     finally:
         await conn.close()
+
+
+async def test_a_message_id_stored_by_a_concurrent_batch_is_reported_duplicate(
+    identity: Identity, tenant: Tenant
+) -> None:
+    """Message ids take no lock: a batch that loses the race on one rolls back whole and runs again."""
+    phone = "+14155550199"
+    shared = track("Clicked", user_id=uid())
+    first = identify({"phone": phone}, user_id=shared.user_id, phone=phone)
+    other = track("Viewed", user_id=uid())
+    pool = await create_pool(identity.db_url, max_size=1)  # the codecs record_events expects
+    try:
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            # This transaction stores `shared` (and its user's phone) and stays open ...
+            await record.record_events(conn, tenant.workspace.id, [first, shared])
+            # ... while a second batch with the same message id checks it (not there yet) and inserts
+            # it: its insert waits on the open transaction's key, then fails once that one commits.
+            # (Another user's event reusing the id: no lock of the open transaction stops it sooner.)
+            reused = track("Clicked", user_id=uid(), message_id=shared.message_id)
+            racing = asyncio.create_task(identity.record(tenant, other, reused))
+            await asyncio.sleep(0.5)
+            assert not racing.done()
+            await tx.commit()
+        got = await asyncio.wait_for(racing, 30)
+    finally:
+        await pool.close()
+    assert [r.status for r in got.results] == [EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_DUPLICATE]
+    contact = await identity.stub.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)
+    # The duplicate reports the contact the stored event belongs to; nothing of the retried batch is doubled.
+    assert got.results[1].contact_id == contact.contact.id
+    stored = await identity.stub.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact.contact.id), metadata=tenant.md
+    )
+    assert sorted(e.event.message_id for e in stored.events) == sorted([first.message_id, shared.message_id])
