@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -68,32 +70,63 @@ def too_deep(root: Struct, max_depth: int) -> bool:
     return False
 
 
-# Serialized context -> (too deep, has a "traits" key), per max depth.
-_contexts: dict[tuple[bytes, int], tuple[bool, bool]] = {}
+def has_non_finite(root: Struct) -> bool:
+    """True when ``root`` holds a NaN or infinite number anywhere: JSON, and so what identity
+    stores, has no such value, and one would fail the whole batch there."""
+    stack: list[Struct | ListValue] = [root]
+    while stack:
+        node = stack.pop()
+        values = [node.fields[key] for key in node.fields] if isinstance(node, Struct) else list(node.values)
+        for value in values:
+            kind = value.WhichOneof("kind")
+            if kind == "number_value":
+                if not math.isfinite(value.number_value):
+                    return True
+            elif kind in _CONTAINERS:
+                stack.append(getattr(value, kind))
+    return False
 
 
-def _struct_too_deep(node: Struct, max_depth: int) -> bool:
-    """``too_deep``, skipping the walk for flat objects: the common case, and the walk costs
-    microseconds per value. A nested object or list is written with the tag byte of
+# A Value's number is tag 0x11 then 8 little-endian bytes; NaN and the infinities have every
+# exponent bit set, so their last two bytes are [F0-FF] then 7F or FF. A serialization without
+# this pattern holds no such number; other bytes may match too, and those take the walk.
+_MAYBE_NON_FINITE = re.compile(rb"\x11[\x00-\xff]{6}[\xf0-\xff][\x7f\xff]")
+
+# Serialized context -> (too deep, has a non-finite number, has a "traits" key), per max depth.
+_contexts: dict[tuple[bytes, int], tuple[bool, bool, bool]] = {}
+
+
+def _struct_problems(node: Struct, max_depth: int) -> tuple[bool, bool]:
+    """(``too_deep``, ``has_non_finite``), skipping the walks for the common case, where they
+    cost microseconds per value. A nested object or list is written with the tag byte of
     ``Value.struct_value`` (0x2A) or ``Value.list_value`` (0x32), so a serialization with
-    neither byte holds no containers. Other bytes may match too; those take the walk."""
+    neither byte holds no containers; likewise for non-finite numbers (``_MAYBE_NON_FINITE``).
+    Other bytes may match too; those take the walk."""
     data = node.SerializeToString()
-    if b"*" not in data and b"2" not in data:
-        return False
-    return too_deep(node, max_depth)
+    deep = (b"*" in data or b"2" in data) and too_deep(node, max_depth)
+    odd = _MAYBE_NON_FINITE.search(data) is not None and has_non_finite(node)
+    return deep, odd
 
 
-def _context_facts(context: Struct, max_depth: int) -> tuple[bool, bool]:
-    """(``too_deep``, has a ``traits`` key) for a context, remembered: a sender's context
-    (library, device) rarely changes, and serializing it is cheaper than walking it."""
+def _context_facts(context: Struct, max_depth: int) -> tuple[bool, bool, bool]:
+    """(``too_deep``, ``has_non_finite``, has a ``traits`` key) for a context, remembered: a
+    sender's context (library, device) rarely changes, and serializing it is cheaper than walking it."""
     key = (context.SerializeToString(), max_depth)
     known = _contexts.get(key)
     if known is None:
-        known = (too_deep(context, max_depth), "traits" in context.fields)
+        known = (too_deep(context, max_depth), has_non_finite(context), "traits" in context.fields)
         if len(_contexts) >= 10_000:
             _contexts.clear()
         _contexts[key] = known
     return known
+
+
+def _check_struct(field: str, problems: tuple[bool, bool], max_depth: int, out: list[Violation]) -> None:
+    deep, odd = problems
+    if deep:
+        out.append(Violation(field, f"nested deeper than {max_depth} levels"))
+    if odd:
+        out.append(Violation(field, "holds a number that is NaN or infinite; JSON numbers are finite"))
 
 
 def _phone_text(value: Value) -> str | None:
@@ -166,17 +199,16 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     max_depth = limits.max_depth
     has_traits = has("traits")
     has_context = has("context")
-    if has("properties") and _struct_too_deep(event.properties, max_depth):
-        out.append(Violation("properties", f"nested deeper than {max_depth} levels"))
+    if has("properties"):
+        _check_struct("properties", _struct_problems(event.properties, max_depth), max_depth, out)
     traits = event.traits if has_traits else None
-    if traits is not None and _struct_too_deep(traits, max_depth):
-        out.append(Violation("traits", f"nested deeper than {max_depth} levels"))
+    if traits is not None:
+        _check_struct("traits", _struct_problems(traits, max_depth), max_depth, out)
     context = event.context if has_context else None
     context_traits = False
     if context is not None:
-        context_deep, context_traits = _context_facts(context, max_depth)
-        if context_deep:
-            out.append(Violation("context", f"nested deeper than {max_depth} levels"))
+        context_deep, context_odd, context_traits = _context_facts(context, max_depth)
+        _check_struct("context", (context_deep, context_odd), max_depth, out)
 
     # The traits' phone, then the context's traits' phone (Segment clients send either).
     sources: list[tuple[str, Value]] = []

@@ -139,3 +139,24 @@ async def test_phones_are_read_in_the_workspace_region(make_stack: StackFactory)
     assert response.result.status == ACCEPTED
     [stored] = await user_events(uk, user)
     assert stored.event.phone == "+442079460958"
+
+
+async def test_a_number_json_cannot_hold_is_rejected_alone(stack: Stack) -> None:
+    # NaN and the infinities have no JSON form: stored, one would fail the whole batch in identity.
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    events = [
+        track("First", user_id=user),
+        track("Nan", user_id=user, properties={"amount": float("nan")}),
+        track("Inf", user_id=user, traits={"scores": [1, {"top": float("inf")}]}),
+        track("MinusInf", user_id=user, context={"screen": {"density": float("-inf")}}),
+        track("Last", user_id=user, properties={"big": 1e308, "tiny": 5e-324, "zero": -0.0}),
+    ]
+    response = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert [r.status for r in response.results] == [ACCEPTED, REJECTED, REJECTED, REJECTED, ACCEPTED]
+    assert [[v.field for v in r.violations] for r in response.results[1:4]] == [
+        ["events[1].properties"],
+        ["events[2].traits"],
+        ["events[3].context"],
+    ]
+    stored = await user_events(stack, user)
+    assert sorted(e.event.name for e in stored) == ["First", "Last"]

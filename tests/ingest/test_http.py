@@ -155,6 +155,27 @@ async def test_mixed_batch_rejects_the_bad_event_and_stores_the_rest(stack: Stac
     assert sorted(e.event.name for e in stored) == ["Good One", "Good Three"]
 
 
+async def test_nan_and_infinity_literals_are_rejected_naming_the_field(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    # Python's JSON reader takes NaN and Infinity, which JSON (and so what identity stores) has not.
+    user = uid()
+    body = {
+        "writeKey": stack.key,
+        "batch": [
+            {"type": "track", "userId": user, "event": "Good"},
+            {"type": "track", "userId": user, "event": "Bad", "properties": {"x": float("nan"), "y": float("-inf")}},
+        ],
+    }
+    raw = json.dumps(body).encode()  # Python writes the literals NaN and -Infinity
+    assert b"NaN" in raw and b"-Infinity" in raw
+    status, answer = await post(http, f"{stack.http_url}/v1/batch", None, raw=raw)
+    assert status == 400
+    assert [(e["index"], e["field"]) for e in answer["errors"]] == [(1, "batch[1].properties")]
+    assert (answer["accepted"], answer["rejected"]) == (1, 1)
+    assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
+
+
 async def test_oversized_event_is_rejected_naming_the_limit(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
     body = {
