@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -111,8 +112,9 @@ def _check_batch(events: Sequence[Event]) -> None:
         for name in _TEXT_FIELDS:
             if "\x00" in getattr(e, name):
                 bad.append(Violation(f"events[{i}].{name}", "must not contain NUL characters"))
-        if e.HasField("traits") and _has_nul(e.traits):
-            bad.append(Violation(f"events[{i}].traits", "must not contain NUL characters"))
+        # Traits become jsonb, which holds neither NUL nor NaN and infinite numbers.
+        if e.HasField("traits") and _unstorable(e.traits):
+            bad.append(Violation(f"events[{i}].traits", "must not contain NUL characters or NaN/infinite numbers"))
     if bad:
         raise InvalidArgument(bad)
 
@@ -120,18 +122,20 @@ def _check_batch(events: Sequence[Event]) -> None:
 _TEXT_FIELDS = ("message_id", "anonymous_id", "user_id", "name", "previous_id", "group_id", "phone", "phone_time_zone")
 
 
-def _has_nul(value: Struct | ListValue | Value) -> bool:
+def _unstorable(value: Struct | ListValue | Value) -> bool:
     if isinstance(value, Struct):
-        return any("\x00" in k or _has_nul(v) for k, v in value.fields.items())
+        return any("\x00" in k or _unstorable(v) for k, v in value.fields.items())
     if isinstance(value, ListValue):
-        return any(_has_nul(v) for v in value.values)
+        return any(_unstorable(v) for v in value.values)
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return "\x00" in value.string_value
+    if kind == "number_value":
+        return not math.isfinite(value.number_value)
     if kind == "struct_value":
-        return _has_nul(value.struct_value)
+        return _unstorable(value.struct_value)
     if kind == "list_value":
-        return _has_nul(value.list_value)
+        return _unstorable(value.list_value)
     return False
 
 

@@ -272,7 +272,7 @@ async def test_a_batch_that_fails_in_the_database_stores_nothing(identity: Ident
     assert [r.status for r in got.results] == [ACCEPTED, ACCEPTED]
 
 
-async def test_nul_characters_are_refused_before_the_database(identity: Identity, tenant: Tenant) -> None:
+async def test_unstorable_values_are_refused_before_the_database(identity: Identity, tenant: Tenant) -> None:
     from services.common.errors import field_violations
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -281,10 +281,12 @@ async def test_nul_characters_are_refused_before_the_database(identity: Identity
             track(user_id="a\x00b"),
             identify({"nested": {"k": ["ok", "n\x00"]}}, user_id="u"),
             identify({"phone": PHONE}, user_id="v", phone=PHONE, phone_time_zone="Europe/\x00"),
+            identify({"scores": [1.5, float("nan")]}, user_id="w"),
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in await field_violations(info.value)] == [
         "events[0].user_id",
         "events[1].traits",
         "events[2].phone_time_zone",
+        "events[3].traits",
     ]
