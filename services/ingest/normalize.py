@@ -70,6 +70,29 @@ def too_deep(root: Struct, max_depth: int) -> bool:
     return False
 
 
+def has_nul(root: Struct) -> bool:
+    """True when a key or string anywhere in ``root`` holds a NUL character, which Postgres text
+    and jsonb cannot store (identity and later consumers would fail on it)."""
+    stack: list[Struct | ListValue] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Struct):
+            fields = node.fields
+            if any("\x00" in key for key in fields):
+                return True
+            values = [fields[key] for key in fields]
+        else:
+            values = list(node.values)
+        for value in values:
+            kind = value.WhichOneof("kind")
+            if kind == "string_value":
+                if "\x00" in value.string_value:
+                    return True
+            elif kind in _CONTAINERS:
+                stack.append(getattr(value, kind))
+    return False
+
+
 def has_non_finite(root: Struct) -> bool:
     """True when ``root`` holds a NaN or infinite number anywhere: JSON, and so what identity
     stores, has no such value, and one would fail the whole batch there."""
@@ -92,41 +115,48 @@ def has_non_finite(root: Struct) -> bool:
 # this pattern holds no such number; other bytes may match too, and those take the walk.
 _MAYBE_NON_FINITE = re.compile(rb"\x11[\x00-\xff]{6}[\xf0-\xff][\x7f\xff]")
 
-# Serialized context -> (too deep, has a non-finite number, has a "traits" key), per max depth.
-_contexts: dict[tuple[bytes, int], tuple[bool, bool, bool]] = {}
+# Serialized context -> ((too deep, non-finite number, NUL), has a "traits" key), per max depth.
+_contexts: dict[tuple[bytes, int], tuple[tuple[bool, bool, bool], bool]] = {}
 
 
-def _struct_problems(node: Struct, max_depth: int) -> tuple[bool, bool]:
-    """(``too_deep``, ``has_non_finite``), skipping the walks for the common case, where they
-    cost microseconds per value. A nested object or list is written with the tag byte of
-    ``Value.struct_value`` (0x2A) or ``Value.list_value`` (0x32), so a serialization with
-    neither byte holds no containers; likewise for non-finite numbers (``_MAYBE_NON_FINITE``).
-    Other bytes may match too; those take the walk."""
+def _struct_problems(node: Struct, max_depth: int) -> tuple[bool, bool, bool]:
+    """(``too_deep``, ``has_non_finite``, ``has_nul``), skipping the walks for the common case,
+    where they cost microseconds per value. A nested object or list is written with the tag
+    byte of ``Value.struct_value`` (0x2A) or ``Value.list_value`` (0x32), so a serialization
+    with neither byte holds no containers; likewise for non-finite numbers
+    (``_MAYBE_NON_FINITE``) and for NUL, written as a 0x00 byte. Other bytes may match too;
+    those take the walk."""
     data = node.SerializeToString()
     deep = (b"*" in data or b"2" in data) and too_deep(node, max_depth)
     odd = _MAYBE_NON_FINITE.search(data) is not None and has_non_finite(node)
-    return deep, odd
+    nul = b"\x00" in data and has_nul(node)
+    return deep, odd, nul
 
 
-def _context_facts(context: Struct, max_depth: int) -> tuple[bool, bool, bool]:
-    """(``too_deep``, ``has_non_finite``, has a ``traits`` key) for a context, remembered: a
-    sender's context (library, device) rarely changes, and serializing it is cheaper than walking it."""
+def _context_facts(context: Struct, max_depth: int) -> tuple[tuple[bool, bool, bool], bool]:
+    """(``_struct_problems``, has a ``traits`` key) for a context, remembered: a sender's
+    context (library, device) rarely changes, and serializing it is cheaper than walking it."""
     key = (context.SerializeToString(), max_depth)
     known = _contexts.get(key)
     if known is None:
-        known = (too_deep(context, max_depth), has_non_finite(context), "traits" in context.fields)
+        known = (_struct_problems(context, max_depth), "traits" in context.fields)
         if len(_contexts) >= 10_000:
             _contexts.clear()
         _contexts[key] = known
     return known
 
 
-def _check_struct(field: str, problems: tuple[bool, bool], max_depth: int, out: list[Violation]) -> None:
-    deep, odd = problems
+_NUL = "must not contain NUL characters"
+
+
+def _check_struct(field: str, problems: tuple[bool, bool, bool], max_depth: int, out: list[Violation]) -> None:
+    deep, odd, nul = problems
     if deep:
         out.append(Violation(field, f"nested deeper than {max_depth} levels"))
     if odd:
         out.append(Violation(field, "holds a number that is NaN or infinite; JSON numbers are finite"))
+    if nul:
+        out.append(Violation(field, "holds a NUL character in a key or string; it cannot be stored"))
 
 
 def _phone_text(value: Value) -> str | None:
@@ -179,6 +209,8 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
         out.append(Violation("name", "required for track events"))
     elif len(name) > limits.max_name_chars:
         out.append(Violation("name", f"longer than {limits.max_name_chars} characters"))
+    if "\x00" in name:
+        out.append(Violation("name", _NUL))
 
     max_id = limits.max_id_chars
     ids: list[str] = []
@@ -191,6 +223,8 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
                 value = trimmed
             if len(value) > max_id:
                 out.append(Violation(field, f"longer than {max_id} characters"))
+            if "\x00" in value:
+                out.append(Violation(field, _NUL))
         ids.append(value)
     message_id, anonymous_id, user_id, previous_id, group_id = ids
     if not message_id:
@@ -207,8 +241,8 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     context = event.context if has_context else None
     context_traits = False
     if context is not None:
-        context_deep, context_odd, context_traits = _context_facts(context, max_depth)
-        _check_struct("context", (context_deep, context_odd), max_depth, out)
+        context_problems, context_traits = _context_facts(context, max_depth)
+        _check_struct("context", context_problems, max_depth, out)
 
     # The traits' phone, then the context's traits' phone (Segment clients send either).
     sources: list[tuple[str, Value]] = []

@@ -160,3 +160,28 @@ async def test_a_number_json_cannot_hold_is_rejected_alone(stack: Stack) -> None
     ]
     stored = await user_events(stack, user)
     assert sorted(e.event.name for e in stored) == ["First", "Last"]
+
+
+async def test_nul_characters_are_rejected_alone_naming_the_field(stack: Stack) -> None:
+    # Postgres text and jsonb cannot hold NUL: an event with one would fail its whole batch downstream.
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    events = [
+        track("First", user_id=user),
+        track("Bad Id", user_id="a\x00b"),
+        track("Bad\x00Name", user_id=user),
+        track("Bad Key", user_id=user, properties={"k\x00": "v", "n": 3.0}),
+        track("Bad Trait", user_id=user, traits={"nick": ["ok", "a\x00"]}),
+        track("Bad Context", user_id=user, context={"app": {"name": "x\x00"}}),
+        track("Last", user_id=user, properties={"zeros": 0.0, "false": False, "none": None, "empty": ""}),
+    ]
+    response = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=events), metadata=stack.md)
+    assert [r.status for r in response.results] == [ACCEPTED] + [REJECTED] * 5 + [ACCEPTED]
+    assert [[v.field for v in r.violations] for r in response.results[1:6]] == [
+        ["events[1].user_id"],
+        ["events[2].name"],
+        ["events[3].properties"],
+        ["events[4].traits"],
+        ["events[5].context"],
+    ]
+    stored = await user_events(stack, user)
+    assert sorted(e.event.name for e in stored) == ["First", "Last"]

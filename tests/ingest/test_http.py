@@ -176,6 +176,22 @@ async def test_nan_and_infinity_literals_are_rejected_naming_the_field(
     assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
 
 
+async def test_nul_escapes_are_rejected_naming_the_field(stack: Stack, http: aiohttp.ClientSession) -> None:
+    user = uid()
+    body = {
+        "writeKey": stack.key,
+        "batch": [
+            {"type": "track", "userId": user, "event": "Good"},
+            {"type": "track", "userId": "a\u0000b", "event": "Bad Id"},
+            {"type": "identify", "userId": user, "traits": {"name": "x\u0000"}},
+        ],
+    }
+    status, answer = await post(http, f"{stack.http_url}/v1/batch", body)
+    assert status == 400
+    assert [(e["index"], e["field"]) for e in answer["errors"]] == [(1, "batch[1].userId"), (2, "batch[2].traits")]
+    assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
+
+
 async def test_oversized_event_is_rejected_naming_the_limit(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
     body = {

@@ -15,7 +15,14 @@ from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.phones import time_zone_of
 from services.common.phones import to_e164 as normalize_phone
-from services.ingest.normalize import Limits, _struct_problems, has_non_finite, normalize_event, too_deep
+from services.ingest.normalize import (
+    Limits,
+    _struct_problems,
+    has_non_finite,
+    has_nul,
+    normalize_event,
+    too_deep,
+)
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -231,3 +238,11 @@ def _numbers(value: Any) -> list[Any]:
     if isinstance(value, list):
         return [n for v in value for n in _numbers(v)]
     return [value]
+
+
+def test_the_nul_shortcut_agrees_with_the_walk() -> None:
+    rng = random.Random(9)
+    leaves: list[Any] = ["", "plain", "a\x00b", 0.0, 3.0, False, None, [0, ""], {"k\x00": 1}, {"ok": "\x00"}]
+    for _ in range(1000):
+        s = struct({f"k{i}": rng.choice(leaves) for i in range(rng.randrange(1, 5))})
+        assert _struct_problems(s, 8)[2] == has_nul(s)
