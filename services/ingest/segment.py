@@ -65,6 +65,12 @@ class _Reader:
         if value is None:
             return ""
         if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                # JSON's "\ud800"-style escapes can leave a lone surrogate, which no protobuf string holds.
+                self.violations.append(Violation(key, "not valid Unicode: a lone surrogate escape"))
+                return ""
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             # SDKs send numeric ids; they are the same id as their decimal text.

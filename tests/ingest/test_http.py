@@ -192,6 +192,23 @@ async def test_nul_escapes_are_rejected_naming_the_field(stack: Stack, http: aio
     assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
 
 
+async def test_lone_surrogate_escapes_are_rejected_naming_the_field(stack: Stack, http: aiohttp.ClientSession) -> None:
+    # Valid JSON, but "\ud800" alone is no character: no protobuf (or Postgres) string can hold it.
+    user = uid()
+    raw = (
+        '{"writeKey": "' + stack.key + '", "batch": ['
+        '{"type": "track", "userId": "' + user + '", "event": "Good \\ud83d\\ude00"},'
+        '{"type": "track", "userId": "a\\ud800b", "event": "Lone"},'
+        '{"type": "track", "userId": "' + user + '", "event": "P", "properties": {"k": "\\udfff"}}]}'
+    )
+    status, answer = await post(http, f"{stack.http_url}/v1/batch", None, raw=raw.encode())
+    assert status == 400
+    # (The lone id also leaves the event without an id: a second violation on the same field.)
+    assert {(e["index"], e["field"]) for e in answer["errors"]} == {(1, "batch[1].userId"), (2, "batch[2].properties")}
+    # A surrogate pair is one character (here an emoji) and is kept.
+    assert [e.event.name for e in await events_of(stack, user)] == ["Good \U0001f600"]
+
+
 async def test_oversized_event_is_rejected_naming_the_limit(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
     body = {
