@@ -13,7 +13,7 @@ import structlog
 
 from services.common import context
 from services.common.context import Workspace
-from services.common.errors import ParleyError, Unauthenticated, to_status
+from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, to_status
 from services.common.tenancy import KeyVerifier
 
 log = structlog.get_logger("parley.access")
@@ -42,6 +42,41 @@ async def authenticate(verifier: KeyVerifier, token: str, workspace_id: str | No
     return await verifier.verify(token), False
 
 
+class _Undecodable:
+    """A request message whose bytes did not parse (bad UTF-8 in a string, a truncated field)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, answering ``_Undecodable`` instead of raising: grpc would
+    answer INTERNAL, before any handler runs, for what is the caller's bad input."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, and whatever else a parser raises on bad bytes
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument.field("", f"the request is not a valid message: {request.error}")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 class ChassisInterceptor(grpc.aio.ServerInterceptor):
     """Binds request id and workspace for the call, logs it once, and maps exceptions to status."""
 
@@ -57,27 +92,28 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
+        deserializer = _lenient(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.stream_unary, streaming=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream(method, handler.stream_stream, streaming=True),
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -105,14 +141,14 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
     def _access(self, code: grpc.StatusCode, started: float) -> None:
         log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
-    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any], *, streaming: bool = False) -> Callable[..., Any]:
         async def wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             rid = ""
             with structlog.contextvars.bound_contextvars():
                 try:
                     rid = await self._enter(method, ctx)
-                    response = await behavior(request, ctx)
+                    response = await behavior(_decoded_stream(request) if streaming else _decoded(request), ctx)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
@@ -123,7 +159,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any], *, streaming: bool = False) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
 
             async def gen_wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -132,7 +168,8 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                 with structlog.contextvars.bound_contextvars():
                     try:
                         rid = await self._enter(method, ctx)
-                        async for item in behavior(request, ctx):
+                        checked = _decoded_stream(request) if streaming else _decoded(request)
+                        async for item in behavior(checked, ctx):
                             yield item
                     except grpc.aio.AbortError:
                         raise
@@ -142,4 +179,4 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                     self._access(grpc.StatusCode.OK, started)
 
             return gen_wrapper
-        return self._wrap_unary(method, behavior)
+        return self._wrap_unary(method, behavior, streaming=streaming)

@@ -119,3 +119,25 @@ async def test_missing_or_wrong_key_is_unauthenticated(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stack.stub.Track(pb.TrackRequest(event=track(user_id="u")), metadata=md)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument(stack: Stack) -> None:
+    # Bytes no client library would send (a string that is not UTF-8) fail in gRPC's parsing,
+    # before any handler; the caller still gets INVALID_ARGUMENT, not INTERNAL.
+    good = pb.TrackRequest(event=Event(user_id="abc", name="Clicked")).SerializeToString()
+    bad = good.replace(b"abc", b"a\xffc")
+    track = stack.channel.unary_unary("/parley.ingest.v1.IngestService/Track")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await track(bad, metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad UTF-8" in (info.value.details() or "")
+    # Client streaming: the bad message fails the stream the same way.
+    stream = stack.channel.stream_unary("/parley.ingest.v1.IngestService/IngestStream")
+    message = pb.IngestStreamRequest(events=[Event(user_id="abc", name="Clicked")]).SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream(iter([message, message.replace(b"abc", b"a\xffc")]), metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Without a key, the answer is still UNAUTHENTICATED: authentication comes first.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await track(bad)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
