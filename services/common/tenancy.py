@@ -135,7 +135,11 @@ class KeyVerifier:
         """The key's workspace; UNAUTHENTICATED for an unknown or revoked key."""
         if not key:
             raise Unauthenticated("missing API key")
-        digest = _digest(key)
+        try:
+            digest = _digest(key)
+        except UnicodeEncodeError:
+            # A lone surrogate (a JSON "\ud800" escape, an undecodable header byte) is no key of ours.
+            raise Unauthenticated("invalid or revoked API key") from None
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit and hit[0] > now:

@@ -145,6 +145,8 @@ class HttpIngest:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise HttpError(400, "invalid_json", "body nests arrays or objects too deeply to read") from exc
         if not isinstance(payload, dict):
             raise HttpError(400, "invalid_json", "body must be a JSON object")
         if workspace is None:

@@ -108,6 +108,8 @@ class _Reader:
             target.update(value)
         except (ValueError, TypeError, OverflowError):
             self.violations.append(Violation(key, "holds a value JSON objects cannot"))
+        except RecursionError:
+            self.violations.append(Violation(key, "nested too deeply to read"))
 
 
 def from_segment(

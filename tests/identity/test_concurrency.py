@@ -91,7 +91,7 @@ async def test_a_message_id_stored_by_a_concurrent_batch_is_reported_duplicate(
     shared = track("Clicked", user_id=uid())
     first = identify({"phone": phone}, user_id=shared.user_id, phone=phone)
     other = track("Viewed", user_id=uid())
-    pool = await create_pool(identity.db_url, max_size=1)  # the codecs record_events expects
+    pool = await create_pool(identity.db_url, max_size=2)  # the codecs record_events expects
     try:
         async with pool.acquire() as conn:
             tx = conn.transaction()
@@ -103,7 +103,19 @@ async def test_a_message_id_stored_by_a_concurrent_batch_is_reported_duplicate(
             # (Another user's event reusing the id: no lock of the open transaction stops it sooner.)
             reused = track("Clicked", user_id=uid(), message_id=shared.message_id)
             racing = asyncio.create_task(identity.record(tenant, other, reused))
-            await asyncio.sleep(0.5)
+            # Wait until its insert waits on this transaction: the check it made missed the event.
+            xid = await conn.fetchval("SELECT (pg_current_xact_id()::text::int8 % 4294967296)::text")
+            async with pool.acquire() as watcher:
+                for _ in range(200):
+                    if await watcher.fetchval(
+                        """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'transactionid'
+                                             AND transactionid::text = $1 AND NOT granted)""",
+                        xid,
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the racing batch never waited on the open transaction")
             assert not racing.done()
             await tx.commit()
         got = await asyncio.wait_for(racing, 30)

@@ -108,6 +108,7 @@ async def test_each_auth_form(stack: Stack, http: aiohttp.ClientSession, form: s
         ({"Authorization": "Bearer pk_wrong"}, None),
         ({"Authorization": "Basic !!!"}, None),
         ({}, "pk_wrong"),
+        ({}, "pk_\ud800"),  # a lone surrogate: no key, and no string its digest can be taken of
         ({"Authorization": "Digest abc"}, None),
     ],
 )
@@ -209,6 +210,28 @@ async def test_lone_surrogate_escapes_are_rejected_naming_the_field(stack: Stack
     assert [e.event.name for e in await events_of(stack, user)] == ["Good \U0001f600"]
 
 
+async def test_properties_nested_too_deeply_to_read_are_rejected_alone(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    # Parses as JSON, but is too deep to turn into an event: that event is rejected, the rest stored.
+    user = uid()
+    deep: Any = 1
+    for _ in range(900):
+        deep = {"a": deep}
+    body = {
+        "writeKey": stack.key,
+        "batch": [
+            {"type": "track", "userId": user, "event": "Deep", "properties": deep},
+            {"type": "track", "userId": user, "event": "Good"},
+        ],
+    }
+    status, answer = await post(http, f"{stack.http_url}/v1/batch", body)
+    assert status == 400
+    assert {(e["index"], e["field"]) for e in answer["errors"]} == {(0, "batch[0].properties")}
+    assert any("too deeply" in e["description"] for e in answer["errors"])
+    assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
+
+
 async def test_oversized_event_is_rejected_naming_the_limit(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
     body = {
@@ -245,6 +268,7 @@ async def test_gzip_bomb_is_cut_off_at_the_limit(small: Stack, http: aiohttp.Cli
     ("raw", "headers", "status", "code"),
     [
         (b"{not json", {}, 400, "invalid_json"),
+        (b'{"batch": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "invalid_json"),  # deeper than the reader
         (b"[1, 2]", {}, 400, "invalid_json"),
         (b'{"batch": {}}', {}, 400, "invalid_batch"),
         (b'{"batch": []}', {}, 400, "invalid_batch"),
