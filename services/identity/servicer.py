@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -11,7 +10,7 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf import json_format
-from google.protobuf.struct_pb2 import ListValue, Struct, Value
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.contact_pb2 import Contact
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
@@ -26,6 +25,7 @@ from services.identity.filters import conditions
 from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
 from services.identity.resolve import ANONYMOUS, USER
+from services.identity.storable import NUL, unstorable
 from services.identity.stream import EventHub, follow
 from services.identity.tokens import Cursor, decode_page_token, encode_page_token, fingerprint
 
@@ -111,32 +111,15 @@ def _check_batch(events: Sequence[Event]) -> None:
         # Postgres text and jsonb cannot hold NUL; one would fail the whole batch in the database.
         for name in _TEXT_FIELDS:
             if "\x00" in getattr(e, name):
-                bad.append(Violation(f"events[{i}].{name}", "must not contain NUL characters"))
+                bad.append(Violation(f"events[{i}].{name}", NUL))
         # Traits become jsonb, which holds neither NUL nor NaN and infinite numbers.
-        if e.HasField("traits") and _unstorable(e.traits):
+        if e.HasField("traits") and unstorable(e.traits):
             bad.append(Violation(f"events[{i}].traits", "must not contain NUL characters or NaN/infinite numbers"))
     if bad:
         raise InvalidArgument(bad)
 
 
 _TEXT_FIELDS = ("message_id", "anonymous_id", "user_id", "name", "previous_id", "group_id", "phone", "phone_time_zone")
-
-
-def _unstorable(value: Struct | ListValue | Value) -> bool:
-    if isinstance(value, Struct):
-        return any("\x00" in k or _unstorable(v) for k, v in value.fields.items())
-    if isinstance(value, ListValue):
-        return any(_unstorable(v) for v in value.values)
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return "\x00" in value.string_value
-    if kind == "number_value":
-        return not math.isfinite(value.number_value)
-    if kind == "struct_value":
-        return _unstorable(value.struct_value)
-    if kind == "list_value":
-        return _unstorable(value.list_value)
-    return False
 
 
 class IdentityServicer(IdentityServiceServicer):
@@ -230,6 +213,9 @@ class IdentityServicer(IdentityServiceServicer):
         if start is not None and end is not None and end < start:
             raise InvalidArgument.field("end_time", "must not be before start_time")
         size = _page_size(request.page_size)
+        bad = [Violation(f"names[{i}]", NUL) for i, name in enumerate(request.names) if "\x00" in name]
+        if bad:
+            raise InvalidArgument(bad)
         names = sorted(set(request.names))
         query = fingerprint("timeline", str(contact_id), names, start, end)
         position = decode_page_token(request.page_token, query)
@@ -259,6 +245,8 @@ class IdentityServicer(IdentityServiceServicer):
             kind, external = USER, request.user_id
         else:
             raise InvalidArgument.field("lookup", "one of anonymous_id or user_id is required")
+        if "\x00" in external:
+            raise InvalidArgument.field(lookup, NUL)
         limit = _page_size(request.event_limit, "event_limit")
         async with self._reads.connection() as conn:
             found = await repository.user_by_identity(conn, workspace.id, kind, external, limit)

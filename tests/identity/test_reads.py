@@ -195,6 +195,13 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_EQ)]), "filters[0].value"),
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_GT, True)]), "filters[0].value"),
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_IN, "x")]), "filters[0].value"),
+        # What Postgres text and jsonb cannot hold: NUL, NaN and the infinities.
+        (ipb.ListContactsRequest(filters=[flt("a\x00", OP.FILTER_OPERATOR_EXISTS)]), "filters[0].key"),
+        (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_EQ, "x\x00")]), "filters[0].value"),
+        (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_CONTAINS, "\x00")]), "filters[0].value"),
+        (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_GT, float("nan"))]), "filters[0].value"),
+        (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_EQ, float("inf"))]), "filters[0].value"),
+        (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_IN, ["ok", "\x00"])]), "filters[0].value"),
         (ipb.ListContactsRequest(order_by=7), "order_by"),  # type: ignore[arg-type]
     ):
         await _expect_invalid(s.ListContacts, request, tenant.md, field)
@@ -219,12 +226,15 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
             ),
             "end_time",
         ),
+        (ipb.ListContactEventsRequest(contact_id=contact_id, names=["ok", "a\x00"]), "names[1]"),
     ):
         await _expect_invalid(s.ListContactEvents, request, tenant.md, field)
     for request, field in (
         (ipb.GetUserRequest(), "lookup"),
         (ipb.GetUserRequest(user_id=""), "lookup"),
         (ipb.GetUserRequest(user_id="x", event_limit=1001), "event_limit"),
+        (ipb.GetUserRequest(user_id="a\x00b"), "user_id"),
+        (ipb.GetUserRequest(anonymous_id="\x00"), "anonymous_id"),
     ):
         await _expect_invalid(s.GetUser, request, tenant.md, field)
 
