@@ -16,6 +16,7 @@ from services.campaign import template, timing
 from services.campaign.conditions import filter_problem
 from services.common.errors import InvalidArgument, Violation
 from services.common.sendwindow import SendWindow, parse_hhmm
+from services.common.storable import UNSTORABLE, unstorable_fields
 
 STEP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 # Steps that take time: a cycle must pass through one of them.
@@ -197,6 +198,10 @@ def problems_of(d: pb.CampaignDefinition, prefix: str = "definition", *, draft: 
 
     def p(sub: str) -> str:
         return _join(prefix, sub)
+
+    # The definition is stored as jsonb: no NUL anywhere in it, no NaN or infinite number.
+    for path in unstorable_fields(d):
+        yield Violation(p(path), UNSTORABLE)
 
     trigger_kind = d.trigger.WhichOneof("kind")
     if trigger_kind is None:

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from parley.common.v1.contact_pb2 import FilterOperator, PropertyFilter
 
 from services.common.errors import InvalidArgument, Violation
-from services.identity.storable import NUL, unstorable
+from services.common.storable import NUL, unstorable
 
 MAX_FILTERS = 20
 

@@ -19,13 +19,13 @@ from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
 
 from services.common.context import current_workspace, is_internal, workspace_or_none
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
+from services.common.storable import NUL, unstorable
 from services.identity import record, repository
 from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
 from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
 from services.identity.resolve import ANONYMOUS, USER
-from services.identity.storable import NUL, unstorable
 from services.identity.stream import EventHub, follow
 from services.identity.tokens import Cursor, decode_page_token, encode_page_token, fingerprint
 

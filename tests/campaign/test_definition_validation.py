@@ -185,3 +185,26 @@ def test_empty_draft_is_allowed_but_not_published() -> None:
     validate(pb.CampaignDefinition(), draft=True)
     with pytest.raises(InvalidArgument):
         validate(pb.CampaignDefinition())
+
+
+def test_what_jsonb_cannot_hold_is_refused_naming_each_field() -> None:
+    # A definition is stored as jsonb: a NUL anywhere, or a NaN or infinite number (YAML's .nan,
+    # .inf), would fail in the database instead of naming the field.
+    data = copy.deepcopy(GOOD)
+    data["trigger"]["event"]["name"] = "Application\x00Started"
+    data["audience"] = [
+        {"key": "amount", "operator": "gte", "value": float("nan")},
+        {"key": "state\x00", "operator": "exists"},
+        {"key": "tags", "operator": "in", "value": ["ok", float("-inf")]},
+    ]
+    data["steps"][4]["call_task"]["notes"] = "call\x00"
+    found = fields_of(data)
+    for field in (
+        "definition.trigger.event.name",
+        "definition.audience[0].value",
+        "definition.audience[1].key",
+        "definition.audience[2].value",
+        "definition.steps[4].call_task.notes",
+    ):
+        assert "NUL" in found[field], (field, found)
+    assert fields_of(GOOD) == {}
