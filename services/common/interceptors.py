@@ -10,10 +10,12 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 
 from services.common import context
 from services.common.context import Workspace
-from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, to_status
+from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, Violation, to_status
+from services.common.storable import UNSTORABLE, unstorable_fields
 from services.common.tenancy import KeyVerifier
 
 log = structlog.get_logger("parley.access")
@@ -66,22 +68,29 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _decoded(request: Any) -> Any:
+def _decoded(request: Any, check: bool) -> Any:
     if isinstance(request, _Undecodable):
         raise InvalidArgument.field("", f"the request is not a valid message: {request.error}")
+    if check and isinstance(request, Message):
+        # Text and jsonb columns hold no NUL and no NaN or infinite number: refuse them here, naming
+        # the field, rather than fail in the database after part of the work.
+        bad = list(unstorable_fields(request))
+        if bad:
+            raise InvalidArgument([Violation(path, UNSTORABLE) for path in bad])
     return request
 
 
-async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _decoded_stream(requests: AsyncIterator[Any], check: bool) -> AsyncIterator[Any]:
     async for request in requests:
-        yield _decoded(request)
+        yield _decoded(request, check)
 
 
 class ChassisInterceptor(grpc.aio.ServerInterceptor):
     """Binds request id and workspace for the call, logs it once, and maps exceptions to status."""
 
-    def __init__(self, verifier: KeyVerifier) -> None:
+    def __init__(self, verifier: KeyVerifier, *, self_checked: frozenset[str] = frozenset()) -> None:
         self._verifier = verifier
+        self._self_checked = self_checked
 
     async def intercept_service(
         self,
@@ -148,7 +157,9 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
             with structlog.contextvars.bound_contextvars():
                 try:
                     rid = await self._enter(method, ctx)
-                    response = await behavior(_decoded_stream(request) if streaming else _decoded(request), ctx)
+                    check = method not in self._self_checked
+                    checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
+                    response = await behavior(checked, ctx)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
@@ -168,7 +179,8 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                 with structlog.contextvars.bound_contextvars():
                     try:
                         rid = await self._enter(method, ctx)
-                        checked = _decoded_stream(request) if streaming else _decoded(request)
+                        check = method not in self._self_checked
+                        checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
                         async for item in behavior(checked, ctx):
                             yield item
                     except grpc.aio.AbortError:

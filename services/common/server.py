@@ -71,6 +71,9 @@ class ServiceModule:
     register: Callable[[grpc.aio.Server, Runtime], Sequence[str]]
     on_start: Callable[[Runtime], Awaitable[None]] | None = None
     port_setting: str = ""
+    # Methods (``/pkg.Service/Method``) that check their requests for what Postgres cannot hold
+    # themselves, per item; the chassis checks every other request whole (see interceptors).
+    self_checked: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -118,7 +121,9 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     verifier = tenancy.KeyVerifier(pool, token, settings.auth_cache_seconds)
     runtime = Runtime(settings=settings, database_url=dsn, pool=pool, internal_token=token, verifier=verifier)
 
-    server = grpc.aio.server(interceptors=[ChassisInterceptor(verifier)], options=_SERVER_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[ChassisInterceptor(verifier, self_checked=module.self_checked)], options=_SERVER_OPTIONS
+    )
     names = list(module.register(server, runtime))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

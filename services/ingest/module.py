@@ -44,4 +44,9 @@ MODULE = ServiceModule(
     register=register,
     on_start=on_start,
     port_setting="ingest_port",
+    # Every event RPC: a bad event is rejected alone, naming its field, the others stored (normalize.py).
+    self_checked=frozenset(
+        f"/parley.ingest.v1.IngestService/{name}"
+        for name in ("Track", "Page", "Screen", "Identify", "IngestBatch", "IngestStream")
+    ),
 )

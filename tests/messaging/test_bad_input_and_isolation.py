@@ -63,6 +63,11 @@ async def test_agent_service_bad_input(stack: Stack) -> None:
     assert await fields_of(
         a.ReplyInConversation(apb.ReplyInConversationRequest(conversation_id="c", body="hi"), metadata=md)
     ) == ["conversation_id"]
+    # What Postgres text cannot hold is refused by the chassis for every request, naming the field
+    # (this one answered INTERNAL from the database before).
+    assert await fields_of(a.CreateAgent(apb.CreateAgentRequest(request_id="bi-nul", name="B\x00"), metadata=md)) == [
+        "name"
+    ]
     agent = (await a.CreateAgent(apb.CreateAgentRequest(request_id="bi-agent", name="B"), metadata=md)).agent
     await stack.inbound("+12125550701", "hi", "SMbi701")
     convs = await stack.messaging.ListConversations(pb.ListConversationsRequest(), metadata=md)
