@@ -55,7 +55,9 @@ def build_app(app: Messaging, verifier: KeyVerifier) -> web.Application:
         expected_account = app.settings.twilio_account_sid
         if expected_account and params.get("AccountSid") and params["AccountSid"] != expected_account:
             raise web.HTTPForbidden(text="unknown account")
-        return params
+        # Text columns cannot hold NUL, and a body is whatever the sender's phone sent: keep the
+        # message with each NUL shown as U+FFFD rather than fail the webhook (the provider retries it).
+        return {k: v.replace("\x00", "\ufffd") if "\x00" in v else v for k, v in params.items()}
 
     # Workspaces seen lately, and lookups in flight: a burst of callbacks for a workspace not
     # cached yet waits on one query instead of each sending its own.

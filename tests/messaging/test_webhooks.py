@@ -189,6 +189,16 @@ async def test_inbound_without_sid_or_bad_from_is_400(stack: Stack) -> None:
     assert (await stack.inbound("not-a-phone", "hi", "SMbadfrom"))[0] == 400
 
 
+async def test_an_inbound_body_with_nul_is_kept_with_a_replacement_character(stack: Stack) -> None:
+    # A text column cannot hold NUL; the message is the sender's, so it is kept, not refused
+    # (answering an error would only make the provider retry it).
+    phone = "+12125550215"
+    status, _ = await stack.inbound(phone, "hi\x00there", "SMnul215")
+    assert status == 200
+    listed = await stack.messaging.ListMessages(pb.ListMessagesRequest(phone=phone), metadata=stack.md)
+    assert [m.body for m in listed.messages] == ["hi\ufffdthere"]
+
+
 async def test_retention_sweep_keeps_recent_receipts(stack: Stack) -> None:
     ws = stack.workspace.id
     await stack.app.pool.execute(
