@@ -151,13 +151,14 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         log.info("rpc", code=code.name, duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any], *, streaming: bool = False) -> Callable[..., Any]:
+        check = method not in self._self_checked
+
         async def wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             rid = ""
             with structlog.contextvars.bound_contextvars():
                 try:
                     rid = await self._enter(method, ctx)
-                    check = method not in self._self_checked
                     checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
                     response = await behavior(checked, ctx)
                 except grpc.aio.AbortError:
@@ -172,6 +173,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any], *, streaming: bool = False) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
+            check = method not in self._self_checked
 
             async def gen_wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.perf_counter()
@@ -179,7 +181,6 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                 with structlog.contextvars.bound_contextvars():
                     try:
                         rid = await self._enter(method, ctx)
-                        check = method not in self._self_checked
                         checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
                         async for item in behavior(checked, ctx):
                             yield item

@@ -10,7 +10,6 @@ from google.protobuf import json_format
 from parley.common.v1.contact_pb2 import FilterOperator, PropertyFilter
 
 from services.common.errors import InvalidArgument, Violation
-from services.common.storable import NUL, unstorable
 
 MAX_FILTERS = 20
 
@@ -48,16 +47,11 @@ def conditions(filters: Sequence[PropertyFilter], field: str = "filters") -> lis
         path = f.key.split(".") if f.key else []
         if not path or any(not part for part in path):
             bad.append(Violation(f"{name}.key", "required: a property name or dotted path like address.city"))
-        elif "\x00" in f.key:
-            bad.append(Violation(f"{name}.key", NUL))
         op = _OPS.get(f.operator)
         if op is None:
             bad.append(Violation(f"{name}.operator", "unknown or unspecified operator"))
             continue
         has_value = f.HasField("value") and f.value.WhichOneof("kind") not in (None, "null_value")
-        if has_value and unstorable(f.value):
-            bad.append(Violation(f"{name}.value", "must not contain NUL characters or NaN/infinite numbers"))
-            continue
         value = json_format.MessageToDict(f.value) if has_value else None
         if op in ("exists", "not_exists"):
             value = None

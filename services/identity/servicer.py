@@ -19,7 +19,7 @@ from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
 
 from services.common.context import current_workspace, is_internal, workspace_or_none
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
-from services.common.storable import NUL, unstorable
+from services.common.storable import NUL, UNSTORABLE, unstorable
 from services.identity import record, repository
 from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
@@ -114,7 +114,7 @@ def _check_batch(events: Sequence[Event]) -> None:
                 bad.append(Violation(f"events[{i}].{name}", NUL))
         # Traits become jsonb, which holds neither NUL nor NaN and infinite numbers.
         if e.HasField("traits") and unstorable(e.traits):
-            bad.append(Violation(f"events[{i}].traits", "must not contain NUL characters or NaN/infinite numbers"))
+            bad.append(Violation(f"events[{i}].traits", UNSTORABLE))
     if bad:
         raise InvalidArgument(bad)
 
@@ -213,9 +213,6 @@ class IdentityServicer(IdentityServiceServicer):
         if start is not None and end is not None and end < start:
             raise InvalidArgument.field("end_time", "must not be before start_time")
         size = _page_size(request.page_size)
-        bad = [Violation(f"names[{i}]", NUL) for i, name in enumerate(request.names) if "\x00" in name]
-        if bad:
-            raise InvalidArgument(bad)
         names = sorted(set(request.names))
         query = fingerprint("timeline", str(contact_id), names, start, end)
         position = decode_page_token(request.page_token, query)
@@ -245,8 +242,6 @@ class IdentityServicer(IdentityServiceServicer):
             kind, external = USER, request.user_id
         else:
             raise InvalidArgument.field("lookup", "one of anonymous_id or user_id is required")
-        if "\x00" in external:
-            raise InvalidArgument.field(lookup, NUL)
         limit = _page_size(request.event_limit, "event_limit")
         async with self._reads.connection() as conn:
             found = await repository.user_by_identity(conn, workspace.id, kind, external, limit)

@@ -13,6 +13,7 @@ from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.errors import Violation
 from services.common.phones import e164_and_zone
+from services.common.storable import NUL
 
 NANOS = 1_000_000_000
 # Oldest event time accepted: 2000-01-01T00:00:00Z. Older stamps come from unset device clocks.
@@ -146,9 +147,6 @@ def _context_facts(context: Struct, max_depth: int) -> tuple[tuple[bool, bool, b
     return known
 
 
-_NUL = "must not contain NUL characters"
-
-
 def _check_struct(field: str, problems: tuple[bool, bool, bool], max_depth: int, out: list[Violation]) -> None:
     deep, odd, nul = problems
     if deep:
@@ -210,7 +208,7 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     elif len(name) > limits.max_name_chars:
         out.append(Violation("name", f"longer than {limits.max_name_chars} characters"))
     if "\x00" in name:
-        out.append(Violation("name", _NUL))
+        out.append(Violation("name", NUL))
 
     max_id = limits.max_id_chars
     ids: list[str] = []
@@ -224,7 +222,7 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
             if len(value) > max_id:
                 out.append(Violation(field, f"longer than {max_id} characters"))
             if "\x00" in value:
-                out.append(Violation(field, _NUL))
+                out.append(Violation(field, NUL))
         ids.append(value)
     message_id, anonymous_id, user_id, previous_id, group_id = ids
     if not message_id:
