@@ -137,6 +137,13 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(stack: Stack) -
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stream(iter([message, message.replace(b"abc", b"a\xffc")]), metadata=stack.md)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Server streaming (identity's SubscribeEvents) answers the same before its first message.
+    subscribe = stack.identity_channel.unary_stream("/parley.identity.v1.IdentityService/SubscribeEvents")
+    body = ipb.SubscribeEventsRequest(cursor="abc").SerializeToString().replace(b"abc", b"a\xffc")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in subscribe(body, metadata=stack.md):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Without a key, the answer is still UNAUTHENTICATED: authentication comes first.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await track(bad)
