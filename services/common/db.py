@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import asyncpg
+import orjson
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -16,16 +17,26 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
+# jsonb's binary wire format: a version byte, then the JSON text. orjson reads and writes it
+# 5-10 times faster than the json module (identity decodes every locked user's traits); the
+# json module takes what orjson does not: dicts with non-string keys and integers beyond 64
+# bits, which orjson refuses to write and reads as floats (any run of 19 digits, even inside
+# a string, sends a value there, so no number is read inexactly).
+_JSONB_VERSION = b"\x01"
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
 def _jsonb_encode(value: object) -> bytes:
-    return _JSONB_VERSION + json.dumps(value).encode()
+    try:
+        return _JSONB_VERSION + orjson.dumps(value)
+    except TypeError:
+        return _JSONB_VERSION + json.dumps(value).encode()
 
 
 def _jsonb_decode(data: bytes) -> object:
+    if _LONG_DIGITS.search(data) is None:
+        return orjson.loads(data[1:])
     return json.loads(data[1:])
-
-
-# jsonb's binary wire format: a version byte, then the JSON text.
-_JSONB_VERSION = b"\x01"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -21,9 +21,10 @@ from services.identity.resolve import (
     IdentityKey,
     Outcome,
     Plan,
+    Prepared,
     StoredState,
     UserState,
-    lock_identities,
+    prepare,
     resolve,
 )
 
@@ -115,9 +116,9 @@ _EVENT_COLUMNS = (
 
 
 async def _locked_state(
-    conn: asyncpg.Connection, ws: uuid.UUID, ids: set[IdentityKey], phones: set[str], events: Sequence[Event]
+    conn: asyncpg.Connection, ws: uuid.UUID, ids: set[IdentityKey], phones: set[str]
 ) -> StoredState:
-    """What the batch touches — ids, users, contacts, stored message ids — with users and contacts locked."""
+    """What the batch touches — ids, users, contacts — with users and contacts locked."""
     id_list = sorted(ids)
     rows = await conn.fetch(_IDENTITIES, ws, [k for k, _ in id_list], [v for _, v in id_list])
     identities = {(r["kind"], r["external_id"]): r["user_key"] for r in rows}
@@ -156,9 +157,7 @@ async def _locked_state(
         )
         for r in rows
     }
-    rows = await conn.fetch(_EXISTING_EVENTS, ws, list({e.message_id for e in events}))
-    existing = {r["message_id"]: r["contact_id"] for r in rows}
-    return StoredState(identities, users, contacts, existing)
+    return StoredState(identities, users, contacts, {})
 
 
 @dataclass
@@ -171,7 +170,7 @@ class _Writes:
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
 
-def _writes(ws: uuid.UUID, plan: Plan) -> _Writes:
+def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
     out = _Writes()
     add = out.statements.append
     if plan.adopt:
@@ -310,7 +309,7 @@ def _writes(ws: uuid.UUID, plan: Plan) -> _Writes:
             e.event.type,
             e.event.name,
             _us_to_dt(e.time_us),
-            e.event.SerializeToString(),
+            payloads[e.index],
         )
         for e in sorted(plan.events, key=lambda e: (e.time_us, e.index))
     ]
@@ -331,25 +330,52 @@ async def _run_writes(conn: asyncpg.Connection, ws: uuid.UUID, writes: _Writes) 
         await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(ws))
 
 
-async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
-    """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements.
+@dataclass
+class _Batch:
+    """A batch with everything that needs no lock worked out before its transaction starts."""
 
-    Locks first, in one global order so concurrent batches never deadlock: advisory locks on
+    prepared: Prepared
+    lock_keys: list[int]
+    payloads: list[bytes]
+    message_ids: list[str]
+
+
+def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
+    prepared = prepare(events)
+    keys = {_lock_key(workspace_id, kind, value) for kind, value in prepared.ids}
+    keys.update(_lock_key(workspace_id, "phone", p) for p in prepared.phones)
+    return _Batch(
+        prepared,
+        sorted(keys),
+        [e.SerializeToString() for e in events],
+        list({e.message_id: None for e in events}),
+    )
+
+
+async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
+    """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements."""
+    return await _record(conn, workspace_id, _prepare(workspace_id, events))
+
+
+async def _record(conn: asyncpg.Connection, workspace_id: str, batch: _Batch) -> list[Outcome]:
+    """Locks first, in one global order so concurrent batches never deadlock: advisory locks on
     the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
     contact rows (sorted). Everything after works on locked rows only.
+
+    The stored message ids are read before the locks, while an earlier batch may still hold
+    them: that read takes no lock anyway (see ``_run_writes``).
     """
     ws = uuid.UUID(workspace_id)
-    ids, phones = lock_identities(events)
-    keys = sorted(
-        {_lock_key(workspace_id, kind, value) for kind, value in ids}
-        | {_lock_key(workspace_id, "phone", p) for p in phones}
-    )
     # The events lock comes first, before this transaction has an xid: stream readers rely on
     # every transaction that can add events holding it whenever it has an xid.
     await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
-    await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", keys)
-    plan = resolve(events, await _locked_state(conn, ws, ids, phones, events))
-    await _run_writes(conn, ws, _writes(ws, plan))
+    rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
+    existing = {r["message_id"]: r["contact_id"] for r in rows}
+    await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", batch.lock_keys)
+    state = await _locked_state(conn, ws, batch.prepared.ids, batch.prepared.phones)
+    state.existing = existing
+    plan = resolve(batch.prepared, state)
+    await _run_writes(conn, ws, _writes(ws, plan, batch.payloads))
     return plan.outcomes
 
 
@@ -357,10 +383,11 @@ async def record_batch(
     pool: asyncpg.Pool, workspace_id: str, events: Sequence[Event], attempts: int = 8
 ) -> list[Outcome]:
     """Store one batch in one transaction; it commits whole or not at all. Retries lost races."""
+    batch = _prepare(workspace_id, events)
     for attempt in range(attempts):
         try:
             async with pool.acquire() as conn, conn.transaction():
-                return await record_events(conn, workspace_id, events)
+                return await _record(conn, workspace_id, batch)
         except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
             # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
             if attempt == attempts - 1:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,8 @@ class NewEvent:
     index: int
     event: Event
     time_us: int
+    # An identify's traits (from ``prepare``); None for other events.
+    traits: dict[str, Any] | None = None
     user_key: uuid.UUID | None = None
     contact_id: uuid.UUID | None = None
 
@@ -151,21 +153,41 @@ class Plan:
     contact_users: list[tuple[uuid.UUID, uuid.UUID]]
 
 
-def lock_identities(events: Iterable[Event]) -> tuple[set[IdentityKey], set[str]]:
-    """The ids and phones a batch resolves: what it must lock and look up."""
+@dataclass
+class Prepared:
+    """A batch's events with everything that needs no lock worked out beforehand: done while
+    an earlier batch holds the locks this one will wait for, not inside the transaction."""
+
+    events: Sequence[Event]
+    # Per event: its time (``event_time_us``) and, for an identify, its traits as a dict.
+    times: list[int]
+    traits: list[dict[str, Any] | None]
+    # The ids and phones the batch resolves: what it must lock and look up.
+    ids: set[IdentityKey]
+    phones: set[str]
+
+
+def prepare(events: Sequence[Event]) -> Prepared:
+    """Everything about ``events`` that does not depend on stored state."""
     ids: set[IdentityKey] = set()
     phones: set[str] = set()
+    times: list[int] = []
+    traits: list[dict[str, Any] | None] = []
+    add_id, add_time, add_traits = ids.add, times.append, traits.append
     for e in events:
         if e.anonymous_id:
-            ids.add((ANONYMOUS, e.anonymous_id))
+            add_id((ANONYMOUS, e.anonymous_id))
         if e.user_id:
-            ids.add((USER, e.user_id))
-        if e.type == _ALIAS and e.previous_id:
-            ids.add((ANONYMOUS, e.previous_id))
-            ids.add((USER, e.previous_id))
+            add_id((USER, e.user_id))
+        kind = e.type
+        if kind == _ALIAS and e.previous_id:
+            add_id((ANONYMOUS, e.previous_id))
+            add_id((USER, e.previous_id))
         if e.phone:
             phones.add(e.phone)
-    return ids, phones
+        add_time(event_time_us(e))
+        add_traits(struct_to_dict(e, "traits") if kind == _IDENTIFY else None)
+    return Prepared(events, times, traits, ids, phones)
 
 
 def struct_to_dict(event: Event, name: str) -> dict[str, Any]:
@@ -322,26 +344,30 @@ class _Resolver:
         ev.contact_id = contact.id if contact else None
         if contact is None and user is not None:
             self.waiting_new.setdefault(user.key, []).append(ev)
-        if e.type == _IDENTIFY:
-            traits = struct_to_dict(e, "traits")
-            if traits:
-                if user is not None:
-                    user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
-                if contact is not None:
-                    if e.phone and PHONE_KEY in traits:
-                        traits[PHONE_KEY] = e.phone
-                    contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
+        traits = ev.traits
+        if traits:
+            if user is not None:
+                user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
+            if contact is not None:
+                if e.phone and PHONE_KEY in traits:
+                    # A copy: the prepared traits are read again if the batch is retried.
+                    traits = {**traits, PHONE_KEY: e.phone}
+                contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
 
     def carry_traits(self, user: UserState, contact: ContactState) -> None:
         contact.dirty |= merge_stamped(contact.properties, contact.property_times, user.traits, user.trait_times)
 
 
-def resolve(events: Sequence[Event], state: StoredState, new_id: Callable[[], uuid.UUID] = uuid.uuid4) -> Plan:
+def resolve(
+    events: Sequence[Event] | Prepared, state: StoredState, new_id: Callable[[], uuid.UUID] = uuid.uuid4
+) -> Plan:
     """The writes that store ``events`` and resolve their users to contacts, given ``state``.
 
     Events are applied in event-time order (request order on ties), so a batch means the
     same as its events sent one by one in the order they happened. ``state`` is changed in place.
     """
+    batch = events if isinstance(events, Prepared) else prepare(events)
+    events, times, traits = batch.events, batch.times, batch.traits
     r = _Resolver(state, new_id)
     outcomes: list[Outcome | None] = [None] * len(events)
     first: dict[str, NewEvent] = {}
@@ -352,7 +378,7 @@ def resolve(events: Sequence[Event], state: StoredState, new_id: Callable[[], uu
         elif e.message_id in first:
             outcomes[i] = Outcome(duplicate=True, contact_id=None, new=first[e.message_id])
         else:
-            ev = NewEvent(index=i, event=e, time_us=event_time_us(e))
+            ev = NewEvent(index=i, event=e, time_us=times[i], traits=traits[i])
             first[e.message_id] = ev
             fresh.append(ev)
             outcomes[i] = Outcome(duplicate=False, contact_id=None, new=ev)

@@ -26,7 +26,7 @@ def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
         await identity.close()
 
     rt.on_stop(close_identity)
-    forwarder = Forwarder(IdentityServiceStub(identity), rt.internal_token)
+    forwarder = Forwarder(IdentityServiceStub(identity), rt.internal_token, max_in_flight=rt.settings.forward_in_flight)
     ingestor = Ingestor(forwarder, Limits(max_event_bytes=rt.settings.max_event_bytes))
     rt.state["ingestor"] = ingestor
     rt.state["forwarder"] = forwarder

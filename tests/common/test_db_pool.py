@@ -32,3 +32,35 @@ async def test_statements_are_planned_with_their_arguments(new_database: Callabl
         assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
     finally:
         await pool.close()
+
+
+async def test_jsonb_values_round_trip_exactly(new_database: Callable[[], Awaitable[str]]) -> None:
+    """The fast JSON path must not change a value: integers past 64 bits and the digits of long
+    strings come back exact, non-string keys become strings, and COPY writes the same."""
+    values: list[object] = [
+        {},
+        {"a": 1.5, "b": [1, None, "x", True], "c": {"d": "é"}},
+        {"big": 2**70, "neg": -(2**64) - 1, "float": 1.2345678901234568e29},
+        {"digits": "1234567890123456789012", "n": 12345678901234567},
+        {1: "one"},
+        [1, 2.0, "3"],
+        "text",
+    ]
+    expected = list(values)
+    expected[4] = {"1": "one"}
+    # PostgreSQL prints that float's numeric value in full, as the json module reads it too.
+    expected[2] = {**values[2], "float": 123456789012345680000000000000}  # type: ignore[dict-item]
+    pool = await create_pool(await new_database(), max_size=1)
+    try:
+        await pool.execute("CREATE TABLE j (i int, v jsonb)")
+        await pool.executemany("INSERT INTO j VALUES ($1, $2)", list(enumerate(values)))
+        async with pool.acquire() as conn:
+            await conn.copy_records_to_table("j", records=[(100 + i, v) for i, v in enumerate(values)])
+        rows = await pool.fetch("SELECT i, v FROM j ORDER BY i")
+        assert [r["v"] for r in rows if r["i"] < 100] == expected
+        assert [r["v"] for r in rows if r["i"] >= 100] == expected
+        # Integers stay integers, exactly, and the database holds them as numbers.
+        assert rows[2]["v"]["big"] == 2**70 and isinstance(rows[2]["v"]["big"], int)
+        assert await pool.fetchval("SELECT (v->>'big')::numeric = 2^70 FROM j WHERE i = 2")
+    finally:
+        await pool.close()

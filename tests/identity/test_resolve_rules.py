@@ -13,6 +13,7 @@ from services.identity.resolve import (
     StoredState,
     UserState,
     merge_properties,
+    prepare,
     resolve,
 )
 from tests.identity.conftest import event, identify, track
@@ -67,3 +68,15 @@ def test_phone_only_events_go_straight_to_the_contact() -> None:
     plan = resolve([event(EventType.EVENT_TYPE_IDENTIFY, phone="+14155552671", traits={"a": 1})], empty())
     assert plan.outcomes[0].contact_id == plan.contacts[0].id
     assert plan.users == [] and plan.events[0].user_key is None
+
+
+def test_a_retried_batch_resolves_its_prepared_events_the_same_way() -> None:
+    """A batch is prepared once and resolved again on each retry: resolving must not change
+    what was prepared (the phone trait is written as E.164 on the contact only)."""
+    batch = prepare([identify({"phone": "(415) 555-2671", "plan": "a"}, user_id="u1", phone="+14155552671")])
+    plans = [resolve(batch, empty()) for _ in range(2)]
+    for plan in plans:
+        [user], [contact] = plan.users, plan.contacts
+        assert user.traits == {"phone": "(415) 555-2671", "plan": "a"}
+        assert contact.properties == {"phone": "+14155552671", "plan": "a"}
+    assert batch.traits == [{"phone": "(415) 555-2671", "plan": "a"}]
