@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 from parley.common.v1.event_pb2 import Event
 
@@ -59,35 +59,41 @@ _EXISTING_EVENTS = """
       JOIN LATERAL (SELECT contact_id FROM identity.events e
                      WHERE e.workspace_id = $1 AND e.message_id = m.message_id LIMIT 1) e ON true"""
 
-_IDENTITIES = """
-    SELECT q.kind, q.external_id, i.user_key
-      FROM unnest($2::text[], $3::text[]) AS q(kind, external_id)
-      JOIN LATERAL (SELECT user_key FROM identity.identities i
-                     WHERE i.workspace_id = $1 AND i.kind = q.kind AND i.external_id = q.external_id
-                     LIMIT 1) i ON true"""
+# The batch's ids, then the users they map to, locked in user-key order (the CTE keeps the
+# sorted order it was written in): one round trip. A user an id points at that is gone comes
+# back with found = false.
+_USERS_BY_IDS = """
+    WITH ids AS MATERIALIZED (
+        SELECT q.kind, q.external_id, i.user_key
+          FROM unnest($2::text[], $3::text[]) AS q(kind, external_id)
+          JOIN LATERAL (SELECT user_key FROM identity.identities i
+                         WHERE i.workspace_id = $1 AND i.kind = q.kind AND i.external_id = q.external_id
+                         LIMIT 1) i ON true),
+    keys AS MATERIALIZED (
+        SELECT user_key, array_agg(kind) AS kinds, array_agg(external_id) AS externals
+          FROM ids GROUP BY user_key ORDER BY user_key)
+    SELECT k.user_key, k.kinds, k.externals, u.user_key IS NOT NULL AS found,
+           u.contact_id, u.phone, u.phone_time, u.traits, u.trait_times, u.identified, u.merged_into
+      FROM keys k
+      LEFT JOIN LATERAL (SELECT user_key, contact_id, phone, phone_time, traits, trait_times, identified, merged_into
+                           FROM identity.users u WHERE u.workspace_id = $1 AND u.user_key = k.user_key
+                          LIMIT 1 FOR UPDATE) u ON true"""
 
-_CONTACT_IDS_BY_PHONE = """
-    SELECT c.id
-      FROM unnest($2::text[]) AS p(phone)
-      JOIN LATERAL (SELECT id FROM identity.contacts c
-                     WHERE c.workspace_id = $1 AND c.phone = p.phone LIMIT 1) c ON true"""
-
-# Rows are locked, and come back, in the order of the sorted keys given.
-_USERS = """
-    SELECT u.*
-      FROM unnest($2::uuid[]) WITH ORDINALITY AS k(user_key, ord)
-      JOIN LATERAL (SELECT user_key, contact_id, phone, phone_time, traits, trait_times, identified, merged_into
-                      FROM identity.users u WHERE u.workspace_id = $1 AND u.user_key = k.user_key
-                     LIMIT 1 FOR UPDATE) u ON true
-     ORDER BY k.ord"""
-
+# The contacts of the batch's phones and of its users, locked in id order: one round trip.
 _CONTACTS = """
+    WITH ids AS MATERIALIZED (
+        SELECT c.id
+          FROM unnest($2::text[]) AS p(phone)
+          JOIN LATERAL (SELECT id FROM identity.contacts c
+                         WHERE c.workspace_id = $1 AND c.phone = p.phone LIMIT 1) c ON true
+        UNION
+        SELECT unnest($3::uuid[])
+        ORDER BY 1)
     SELECT c.*
-      FROM unnest($2::uuid[]) WITH ORDINALITY AS k(id, ord)
+      FROM ids
       JOIN LATERAL (SELECT id, phone, properties, property_times, phone_time_zone
-                      FROM identity.contacts c WHERE c.workspace_id = $1 AND c.id = k.id
-                     LIMIT 1 FOR UPDATE) c ON true
-     ORDER BY k.ord"""
+                      FROM identity.contacts c WHERE c.workspace_id = $1 AND c.id = ids.id
+                     LIMIT 1 FOR UPDATE) c ON true"""
 
 _IDENTITY_COLUMNS = ("workspace_id", "kind", "external_id", "user_key")
 _USER_COLUMNS = (
@@ -120,18 +126,17 @@ async def _locked_state(
 ) -> StoredState:
     """What the batch touches — ids, users, contacts — with users and contacts locked."""
     id_list = sorted(ids)
-    rows = await conn.fetch(_IDENTITIES, ws, [k for k, _ in id_list], [v for _, v in id_list])
-    identities = {(r["kind"], r["external_id"]): r["user_key"] for r in rows}
-    user_keys = sorted(set(identities.values()))
-    rows = await conn.fetch(_USERS, ws, user_keys)
-    if len(rows) != len(user_keys):
-        raise RetryBatch  # an id pointed at a user another batch has just removed
+    rows = await conn.fetch(_USERS_BY_IDS, ws, [k for k, _ in id_list], [v for _, v in id_list])
+    identities: dict[IdentityKey, uuid.UUID] = {}
     users: dict[uuid.UUID, UserState] = {}
     for r in rows:
-        if r["merged_into"] is not None:
-            raise RetryBatch
-        users[r["user_key"]] = UserState(
-            key=r["user_key"],
+        if not r["found"] or r["merged_into"] is not None:
+            raise RetryBatch  # an id pointed at a user another batch has just joined into another
+        key = r["user_key"]
+        for kind, external in zip(r["kinds"], r["externals"], strict=True):
+            identities[(kind, external)] = key
+        users[key] = UserState(
+            key=key,
             contact_id=r["contact_id"],
             phone=r["phone"],
             phone_time=r["phone_time"],
@@ -143,9 +148,7 @@ async def _locked_state(
     # The batch's phones are advisory-locked, so their contact ids cannot change under it;
     # the contact rows are then locked in id order.
     contact_ids = {u.contact_id for u in users.values() if u.contact_id is not None}
-    if phones:
-        contact_ids.update(r["id"] for r in await conn.fetch(_CONTACT_IDS_BY_PHONE, ws, sorted(phones)))
-    rows = await conn.fetch(_CONTACTS, ws, sorted(contact_ids))
+    rows = await conn.fetch(_CONTACTS, ws, sorted(phones), list(contact_ids)) if phones or contact_ids else []
     contacts = {
         r["id"]: ContactState(
             id=r["id"],
@@ -160,33 +163,49 @@ async def _locked_state(
     return StoredState(identities, users, contacts, {})
 
 
+class _Statement:
+    """One statement built from parts: data-modifying CTEs run together in one round trip."""
+
+    def __init__(self, ws: uuid.UUID) -> None:
+        self.args: list[Any] = [ws]
+        self.parts: list[str] = []
+        self.select = "SELECT 1"
+
+    def arg(self, value: Any) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}"
+
+    def add(self, sql: str) -> None:
+        self.parts.append(f"w{len(self.parts)} AS ({sql})")
+
+    def sql(self) -> str:
+        return (f"WITH {', '.join(self.parts)} " if self.parts else "") + self.select
+
+
 @dataclass
 class _Writes:
     """A plan turned into statement arguments, ready to run."""
 
-    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    # Every update and upsert, and the stream notification, in one statement: first, since
+    # adopting a user's events goes by the user key the events had before any join.
+    combined: _Statement | None = None
+    # Then the joins of users, each its own statement.
+    merges: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     # (table, columns, rows) of rows new to the database, in this order.
     copies: list[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
 
+def _json_texts(values: list[dict[str, Any]]) -> list[str]:
+    return [orjson.dumps(v).decode() for v in values]
+
+
 def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
     out = _Writes()
-    add = out.statements.append
-    if plan.adopt:
-        # Earlier events of a user become its first contact's (stream rows keep recorded_contact_id).
-        add(
-            (
-                """UPDATE identity.events e SET contact_id = a.contact_id
-                     FROM unnest($2::uuid[], $3::uuid[]) AS a(user_key, contact_id)
-                    WHERE e.workspace_id = $1 AND e.user_key = a.user_key AND e.contact_id IS NULL""",
-                (ws, [k for k, _ in plan.adopt], [c for _, c in plan.adopt]),
-            )
-        )
     if plan.merges:
         gone, into = [g for g, _ in plan.merges], [i for _, i in plan.merges]
         for table in ("identities", "events"):
-            add(
+            out.merges.append(
                 (
                     f"""UPDATE identity.{table} t SET user_key = m.into_key
                           FROM unnest($2::uuid[], $3::uuid[]) AS m(gone, into_key)
@@ -194,7 +213,7 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                     (ws, gone, into),
                 )
             )
-        add(
+        out.merges.append(
             (
                 """WITH moved AS (
                        DELETE FROM identity.contact_users cu USING unnest($2::uuid[], $3::uuid[]) AS m(gone, into_key)
@@ -205,6 +224,60 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                 (ws, gone, into),
             )
         )
+    st = _Statement(ws)
+    if plan.adopt:
+        # Earlier events of a user become its first contact's (stream rows keep recorded_contact_id).
+        st.add(
+            f"""UPDATE identity.events e SET contact_id = a.contact_id
+                  FROM unnest({st.arg([k for k, _ in plan.adopt])}::uuid[],
+                              {st.arg([c for _, c in plan.adopt])}::uuid[]) AS a(user_key, contact_id)
+                 WHERE e.workspace_id = $1 AND e.user_key = a.user_key AND e.contact_id IS NULL"""
+        )
+    us = [u for u in plan.users if u.stored]
+    if us:
+        # An upsert that always updates: one primary-key probe per row, whatever the planner
+        # thinks of the table's size (an UPDATE … FROM unnest may pick a scan).
+        st.add(
+            f"""INSERT INTO identity.users (workspace_id, user_key, contact_id, phone, phone_time, traits,
+                                           trait_times, identified, merged_into)
+                SELECT $1, k, c, p, pt, t::jsonb, tt::jsonb, idf, m
+                  FROM unnest({st.arg([u.key for u in us])}::uuid[], {st.arg([u.contact_id for u in us])}::uuid[],
+                              {st.arg([u.phone for u in us])}::text[], {st.arg([u.phone_time for u in us])}::int8[],
+                              {st.arg(_json_texts([u.traits for u in us]))}::text[],
+                              {st.arg(_json_texts([u.trait_times for u in us]))}::text[],
+                              {st.arg([u.identified for u in us])}::bool[],
+                              {st.arg([u.merged_into for u in us])}::uuid[]) AS u(k, c, p, pt, t, tt, idf, m)
+                ON CONFLICT (workspace_id, user_key) DO UPDATE
+                   SET contact_id = EXCLUDED.contact_id, phone = EXCLUDED.phone, phone_time = EXCLUDED.phone_time,
+                       traits = EXCLUDED.traits, trait_times = EXCLUDED.trait_times,
+                       identified = EXCLUDED.identified, merged_into = EXCLUDED.merged_into,
+                       update_time = now()"""
+        )
+    cs = [c for c in plan.contacts if c.stored]
+    if cs:
+        st.add(
+            f"""INSERT INTO identity.contacts (workspace_id, id, phone, properties, property_times, phone_time_zone)
+                SELECT $1, i, p, pr::jsonb, pt::jsonb, tz
+                  FROM unnest({st.arg([c.id for c in cs])}::uuid[], {st.arg([c.phone for c in cs])}::text[],
+                              {st.arg(_json_texts([c.properties for c in cs]))}::text[],
+                              {st.arg(_json_texts([c.property_times for c in cs]))}::text[],
+                              {st.arg([c.phone_time_zone for c in cs])}::text[]) AS c(i, p, pr, pt, tz)
+                ON CONFLICT (workspace_id, id) DO UPDATE
+                   SET properties = EXCLUDED.properties, property_times = EXCLUDED.property_times,
+                       update_time = now()"""
+        )
+    if plan.contact_users:
+        st.add(
+            f"""INSERT INTO identity.contact_users (workspace_id, contact_id, user_key)
+                SELECT $1, c, u FROM unnest({st.arg([c for c, _ in plan.contact_users])}::uuid[],
+                                            {st.arg([u for _, u in plan.contact_users])}::uuid[]) AS cu(c, u)
+                ON CONFLICT DO NOTHING"""
+        )
+    if plan.events:
+        # Delivered to listeners when the transaction commits, with the events.
+        st.select = f"SELECT pg_notify({st.arg(NOTIFY_CHANNEL)}, $1::uuid::text)"
+    if st.parts or plan.events:
+        out.combined = st
     # Rows new to the database go in by COPY (a plain insert, cheaper than INSERT … SELECT FROM
     # unnest): the batch's ids and phones are locked and were looked up under the locks, so
     # none can exist; the unique constraints are the backstop (the batch rolls back and retries).
@@ -232,35 +305,6 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                 ],
             )
         )
-    us = [u for u in plan.users if u.stored]
-    if us:
-        add(
-            (
-                # An upsert that always updates: one primary-key probe per row, whatever the planner
-                # thinks of the table's size (an UPDATE … FROM unnest may pick a scan).
-                """INSERT INTO identity.users (workspace_id, user_key, contact_id, phone, phone_time, traits,
-                                              trait_times, identified, merged_into)
-                   SELECT $1, k, c, p, pt, t::jsonb, tt::jsonb, idf, m
-                     FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::int8[], $6::text[], $7::text[],
-                                 $8::bool[], $9::uuid[]) AS u(k, c, p, pt, t, tt, idf, m)
-                   ON CONFLICT (workspace_id, user_key) DO UPDATE
-                      SET contact_id = EXCLUDED.contact_id, phone = EXCLUDED.phone, phone_time = EXCLUDED.phone_time,
-                          traits = EXCLUDED.traits, trait_times = EXCLUDED.trait_times,
-                          identified = EXCLUDED.identified, merged_into = EXCLUDED.merged_into,
-                          update_time = now()""",
-                (
-                    ws,
-                    [u.key for u in us],
-                    [u.contact_id for u in us],
-                    [u.phone for u in us],
-                    [u.phone_time for u in us],
-                    [json.dumps(u.traits) for u in us],
-                    [json.dumps(u.trait_times) for u in us],
-                    [u.identified for u in us],
-                    [u.merged_into for u in us],
-                ),
-            )
-        )
     new_contacts = [c for c in plan.contacts if not c.stored]
     if new_contacts:
         out.copies.append(
@@ -268,34 +312,6 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                 "contacts",
                 _CONTACT_COLUMNS,
                 [(ws, c.id, c.phone, c.properties, c.property_times, c.phone_time_zone) for c in new_contacts],
-            )
-        )
-    cs = [c for c in plan.contacts if c.stored]
-    if cs:
-        add(
-            (
-                """INSERT INTO identity.contacts (workspace_id, id, phone, properties, property_times, phone_time_zone)
-                   SELECT $1, i, p, pr::jsonb, pt::jsonb, tz
-                     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[]) AS c(i, p, pr, pt, tz)
-                   ON CONFLICT (workspace_id, id) DO UPDATE
-                      SET properties = EXCLUDED.properties, property_times = EXCLUDED.property_times,
-                          update_time = now()""",
-                (
-                    ws,
-                    [c.id for c in cs],
-                    [c.phone for c in cs],
-                    [json.dumps(c.properties) for c in cs],
-                    [json.dumps(c.property_times) for c in cs],
-                    [c.phone_time_zone for c in cs],
-                ),
-            )
-        )
-    if plan.contact_users:
-        add(
-            (
-                """INSERT INTO identity.contact_users (workspace_id, contact_id, user_key)
-                   SELECT $1, c, u FROM unnest($2::uuid[], $3::uuid[]) AS cu(c, u) ON CONFLICT DO NOTHING""",
-                (ws, [c for c, _ in plan.contact_users], [u for _, u in plan.contact_users]),
             )
         )
     # In event-time order, so stream sequence numbers follow it within a batch.
@@ -316,8 +332,10 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
     return out
 
 
-async def _run_writes(conn: asyncpg.Connection, ws: uuid.UUID, writes: _Writes) -> None:
-    for sql, args in writes.statements:
+async def _run_writes(conn: asyncpg.Connection, writes: _Writes) -> None:
+    if writes.combined is not None:
+        await conn.execute(writes.combined.sql(), *writes.combined.args)
+    for sql, args in writes.merges:
         await conn.execute(sql, *args)
     for table, columns, rows in writes.copies:
         await conn.copy_records_to_table(table, schema_name="identity", columns=columns, records=rows)
@@ -327,7 +345,6 @@ async def _run_writes(conn: asyncpg.Connection, ws: uuid.UUID, writes: _Writes) 
         await conn.copy_records_to_table(
             "events", schema_name="identity", columns=_EVENT_COLUMNS, records=writes.events
         )
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(ws))
 
 
 @dataclass
@@ -375,7 +392,7 @@ async def _record(conn: asyncpg.Connection, workspace_id: str, batch: _Batch) ->
     state = await _locked_state(conn, ws, batch.prepared.ids, batch.prepared.phones)
     state.existing = existing
     plan = resolve(batch.prepared, state)
-    await _run_writes(conn, ws, _writes(ws, plan, batch.payloads))
+    await _run_writes(conn, _writes(ws, plan, batch.payloads))
     return plan.outcomes
 
 
