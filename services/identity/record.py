@@ -15,6 +15,7 @@ import structlog
 from parley.common.v1.event_pb2 import Event
 
 from services.common.errors import Aborted
+from services.identity.inflight import Claim, Groups, InFlight, group_events
 from services.identity.repository import NOTIFY_CHANNEL
 from services.identity.resolve import (
     ContactState,
@@ -351,63 +352,126 @@ async def _run_writes(conn: asyncpg.Connection, writes: _Writes) -> None:
 class _Batch:
     """A batch with everything that needs no lock worked out before its transaction starts."""
 
+    workspace: uuid.UUID
     prepared: Prepared
+    # The advisory lock key of each id and ("phone", phone) of the batch.
+    key_of: dict[IdentityKey, int]
     lock_keys: list[int]
     payloads: list[bytes]
     message_ids: list[str]
+    groups: Groups
+
+    def part(self, indexes: list[int]) -> _Part:
+        if len(indexes) == len(self.payloads):
+            return _Part(indexes, self.prepared, self.lock_keys, self.payloads)
+        prepared = self.prepared.part(indexes)
+        keys = {self.key_of[k] for k in prepared.ids} | {self.key_of[("phone", p)] for p in prepared.phones}
+        return _Part(indexes, prepared, sorted(keys), [self.payloads[i] for i in indexes])
+
+
+@dataclass
+class _Part:
+    """Events of a batch resolved and written together, at ``indexes`` in the batch."""
+
+    indexes: list[int]
+    prepared: Prepared
+    lock_keys: list[int]
+    payloads: list[bytes]
 
 
 def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
     prepared = prepare(events)
-    keys = {_lock_key(workspace_id, kind, value) for kind, value in prepared.ids}
-    keys.update(_lock_key(workspace_id, "phone", p) for p in prepared.phones)
+    key_of: dict[IdentityKey, int] = {}
+
+    def key(kind: str, value: str) -> int:
+        k = key_of.get((kind, value))
+        if k is None:
+            k = key_of[(kind, value)] = _lock_key(workspace_id, kind, value)
+        return k
+
+    event_keys = [
+        [key(kind, value) for kind, value in ids] + ([key("phone", e.phone)] if e.phone else [])
+        for e, ids in zip(events, prepared.event_ids, strict=True)
+    ]
+    message_ids = [e.message_id for e in events]
     return _Batch(
+        uuid.UUID(workspace_id),
         prepared,
-        sorted(keys),
+        key_of,
+        sorted(set(key_of.values())),
         [e.SerializeToString() for e in events],
-        list({e.message_id: None for e in events}),
+        list(dict.fromkeys(message_ids)),
+        group_events(event_keys, message_ids),
     )
 
 
 async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
     """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements."""
-    return await _record(conn, workspace_id, _prepare(workspace_id, events))
+    return await _record(conn, _prepare(workspace_id, events), None)
 
 
-async def _record(conn: asyncpg.Connection, workspace_id: str, batch: _Batch) -> list[Outcome]:
+# How long the events that share a key with an earlier batch of this process wait for it to end
+# before they queue for their locks in PostgreSQL anyway (see ``Claim.wait_for_earlier``).
+EARLIER_BATCH_WAIT = 2.0
+
+
+async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None) -> list[Outcome]:
     """Locks first, in one global order so concurrent batches never deadlock: advisory locks on
     the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
     contact rows (sorted). Everything after works on locked rows only.
 
-    The stored message ids are read before the locks, while an earlier batch may still hold
-    them: that read takes no lock anyway (see ``_run_writes``).
+    Events untouched by the keys earlier batches of this process claimed go first, the rest
+    once those batches have ended: see ``inflight``. The stored message ids are read before any lock,
+    while an earlier batch may still hold them: that read takes no lock anyway (see ``_run_writes``).
     """
-    ws = uuid.UUID(workspace_id)
+    ws = batch.workspace
     # The events lock comes first, before this transaction has an xid: stream readers rely on
     # every transaction that can add events holding it whenever it has an xid.
     await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
     rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
     existing = {r["message_id"]: r["contact_id"] for r in rows}
-    await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", batch.lock_keys)
-    state = await _locked_state(conn, ws, batch.prepared.ids, batch.prepared.phones)
-    state.existing = existing
-    plan = resolve(batch.prepared, state)
-    await _run_writes(conn, _writes(ws, plan, batch.payloads))
-    return plan.outcomes
+    outcomes: list[Outcome | None] = [None] * len(batch.payloads)
+    now, later = batch.groups.split(claim.busy if claim else set())
+    for indexes in (now, later):
+        if not indexes:
+            continue
+        if indexes is later and claim is not None:
+            await claim.wait_for_earlier(EARLIER_BATCH_WAIT)
+        part = batch.part(indexes)
+        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", part.lock_keys)
+        state = await _locked_state(conn, ws, part.prepared.ids, part.prepared.phones)
+        state.existing = existing
+        plan = resolve(part.prepared, state)
+        await _run_writes(conn, _writes(ws, plan, part.payloads))
+        for i, outcome in zip(part.indexes, plan.outcomes, strict=True):
+            outcomes[i] = outcome
+    assert all(o is not None for o in outcomes)
+    return outcomes  # type: ignore[return-value]
 
 
 async def record_batch(
-    pool: asyncpg.Pool, workspace_id: str, events: Sequence[Event], attempts: int = 8
+    pool: asyncpg.Pool,
+    workspace_id: str,
+    events: Sequence[Event],
+    in_flight: InFlight | None = None,
+    attempts: int = 8,
 ) -> list[Outcome]:
     """Store one batch in one transaction; it commits whole or not at all. Retries lost races."""
     batch = _prepare(workspace_id, events)
+    if in_flight is None:
+        in_flight = InFlight()
     for attempt in range(attempts):
+        # Claimed from before the transaction starts until it has ended, so a later batch
+        # knows which of its events must wait for this one.
+        claim = in_flight.claim(batch.lock_keys)
         try:
             async with pool.acquire() as conn, conn.transaction():
-                return await _record(conn, workspace_id, batch)
+                return await _record(conn, batch, claim)
         except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
             # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
             if attempt == attempts - 1:
                 raise Aborted("the batch kept losing races with concurrent batches; nothing was stored, retry") from exc
             log.info("record_retry", attempt=attempt + 1, reason=type(exc).__name__)
+        finally:
+            in_flight.release(claim)
     raise AssertionError("unreachable")

@@ -159,35 +159,49 @@ class Prepared:
     an earlier batch holds the locks this one will wait for, not inside the transaction."""
 
     events: Sequence[Event]
-    # Per event: its time (``event_time_us``) and, for an identify, its traits as a dict.
+    # Per event: its time (``event_time_us``), for an identify its traits as a dict, and the
+    # ids it names (``identities_of``).
     times: list[int]
     traits: list[dict[str, Any] | None]
+    event_ids: list[list[IdentityKey]]
     # The ids and phones the batch resolves: what it must lock and look up.
     ids: set[IdentityKey]
     phones: set[str]
 
+    def part(self, indexes: Sequence[int]) -> Prepared:
+        """The prepared batch of the events at ``indexes`` alone."""
+        event_ids = [self.event_ids[i] for i in indexes]
+        events = [self.events[i] for i in indexes]
+        return Prepared(
+            events,
+            [self.times[i] for i in indexes],
+            [self.traits[i] for i in indexes],
+            event_ids,
+            {k for keys in event_ids for k in keys},
+            {e.phone for e in events if e.phone},
+        )
+
+
+def identities_of(e: Event) -> list[IdentityKey]:
+    """The ids an event names, which resolution looks up and the batch locks."""
+    ids: list[IdentityKey] = []
+    if e.anonymous_id:
+        ids.append((ANONYMOUS, e.anonymous_id))
+    if e.user_id:
+        ids.append((USER, e.user_id))
+    if e.type == _ALIAS and e.previous_id:
+        ids.append((ANONYMOUS, e.previous_id))
+        ids.append((USER, e.previous_id))
+    return ids
+
 
 def prepare(events: Sequence[Event]) -> Prepared:
     """Everything about ``events`` that does not depend on stored state."""
-    ids: set[IdentityKey] = set()
-    phones: set[str] = set()
-    times: list[int] = []
-    traits: list[dict[str, Any] | None] = []
-    add_id, add_time, add_traits = ids.add, times.append, traits.append
-    for e in events:
-        if e.anonymous_id:
-            add_id((ANONYMOUS, e.anonymous_id))
-        if e.user_id:
-            add_id((USER, e.user_id))
-        kind = e.type
-        if kind == _ALIAS and e.previous_id:
-            add_id((ANONYMOUS, e.previous_id))
-            add_id((USER, e.previous_id))
-        if e.phone:
-            phones.add(e.phone)
-        add_time(event_time_us(e))
-        add_traits(struct_to_dict(e, "traits") if kind == _IDENTIFY else None)
-    return Prepared(events, times, traits, ids, phones)
+    times = [event_time_us(e) for e in events]
+    traits = [struct_to_dict(e, "traits") if e.type == _IDENTIFY else None for e in events]
+    event_ids = [identities_of(e) for e in events]
+    ids = {k for keys in event_ids for k in keys}
+    return Prepared(events, times, traits, event_ids, ids, {e.phone for e in events if e.phone})
 
 
 def struct_to_dict(event: Event, name: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from services.common.storable import NUL, UNSTORABLE, unstorable
 from services.identity import record, repository
 from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
+from services.identity.inflight import InFlight
 from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
 from services.identity.resolve import ANONYMOUS, USER
@@ -129,6 +130,7 @@ class IdentityServicer(IdentityServiceServicer):
         self._pool = pool
         self._reads = reads
         self._hub = hub
+        self._in_flight = InFlight()
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
@@ -138,7 +140,7 @@ class IdentityServicer(IdentityServiceServicer):
         workspace = current_workspace()
         events = list(request.events)
         _check_batch(events)
-        outcomes = await record.record_batch(self._pool, workspace.id, events)
+        outcomes = await record.record_batch(self._pool, workspace.id, events, self._in_flight)
         return pb.RecordEventsResponse(
             results=[
                 EventResult(
