@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def _extra_ports(runtime: Runtime) -> dict[str, Any]:
 async def serve(module: ServiceModule, settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     running = await start(module, settings)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +168,23 @@ async def serve(module: ServiceModule, settings: Settings) -> None:
     await stop.wait()
     log.info("shutting_down", service=module.name, grace_seconds=settings.grace_seconds)
     await running.stop()
+
+
+# Allocations between young-generation collections (Python's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Collect cycles less often in a service process.
+
+    Reference counting frees almost everything a call allocates; the cycle collector only finds
+    cycles, yet with its defaults it ran every 700 allocations and, every hundred of those, scanned
+    every object the process holds. Identity's batch resolution allocates thousands of objects
+    per call: with the defaults it took ~40% longer (measured in one process, same batches).
+    What startup made (modules, descriptors, the pool) is frozen out of the scans for good.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def main(module: ServiceModule) -> None:
