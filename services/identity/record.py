@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -407,7 +408,7 @@ def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
 
 async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Sequence[Event]) -> list[Outcome]:
     """Store and resolve one batch inside the caller's transaction, in a fixed handful of statements."""
-    return await _record(conn, _prepare(workspace_id, events), None)
+    return await _record(conn, _prepare(workspace_id, events), None, probe=True)
 
 
 # How long the events that share a key with an earlier batch of this process wait for it to end
@@ -415,21 +416,26 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
 EARLIER_BATCH_WAIT = 2.0
 
 
-async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None) -> list[Outcome]:
+async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, *, probe: bool) -> list[Outcome]:
     """Locks first, in one global order so concurrent batches never deadlock: advisory locks on
     the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
     contact rows (sorted). Everything after works on locked rows only.
 
     Events untouched by the keys earlier batches of this process claimed go first, the rest
-    once those batches have ended: see ``inflight``. The stored message ids are read before any lock,
-    while an earlier batch may still hold them: that read takes no lock anyway (see ``_run_writes``).
+    once those batches have ended: see ``inflight``.
+
+    With ``probe``, the message ids stored before are read first (before any lock, while an
+    earlier batch may still hold them: that read takes no lock anyway, see ``_run_writes``);
+    without, the batch assumes there are none, and one that is stored fails the events' COPY.
     """
     ws = batch.workspace
     # The events lock comes first, before this transaction has an xid: stream readers rely on
     # every transaction that can add events holding it whenever it has an xid.
     await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
-    rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
-    existing = {r["message_id"]: r["contact_id"] for r in rows}
+    existing: dict[str, uuid.UUID | None] = {}
+    if probe:
+        rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
+        existing = {r["message_id"]: r["contact_id"] for r in rows}
     outcomes: list[Outcome | None] = [None] * len(batch.payloads)
     now, later = batch.groups.split(claim.busy if claim else set())
     for indexes in (now, later):
@@ -449,29 +455,48 @@ async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None) 
     return outcomes  # type: ignore[return-value]
 
 
-async def record_batch(
-    pool: asyncpg.Pool,
-    workspace_id: str,
-    events: Sequence[Event],
-    in_flight: InFlight | None = None,
-    attempts: int = 8,
-) -> list[Outcome]:
-    """Store one batch in one transaction; it commits whole or not at all. Retries lost races."""
-    batch = _prepare(workspace_id, events)
-    if in_flight is None:
-        in_flight = InFlight()
-    for attempt in range(attempts):
-        # Claimed from before the transaction starts until it has ended, so a later batch
-        # knows which of its events must wait for this one.
-        claim = in_flight.claim(batch.lock_keys)
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                return await _record(conn, batch, claim)
-        except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
-            # Rare: a concurrent join of users, or a race the locks do not cover; the batch rolled back.
-            if attempt == attempts - 1:
-                raise Aborted("the batch kept losing races with concurrent batches; nothing was stored, retry") from exc
-            log.info("record_retry", attempt=attempt + 1, reason=type(exc).__name__)
-        finally:
-            in_flight.release(claim)
-    raise AssertionError("unreachable")
+# After a batch met a message id stored before, how long this process keeps reading the stored
+# ids of every batch first: retries come in runs (a client resending after a timeout).
+PROBE_AFTER_DUPLICATE = 30.0
+
+
+class BatchWriter:
+    """Stores the batches of one identity process."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.in_flight = InFlight()
+        self._probe_until = 0.0
+
+    async def record(self, workspace_id: str, events: Sequence[Event], attempts: int = 8) -> list[Outcome]:
+        """Store one batch in one transaction; it commits whole or not at all. Retries lost races.
+
+        A batch first goes without reading which of its message ids are stored: they almost
+        never are (ids are generated per event, and a retry usually follows a failure that
+        stored nothing), and the read cost PostgreSQL as much as a tenth of the batch. A stored
+        one fails the events' COPY on the primary key, and the batch runs again with the read,
+        which then reports those events as duplicates.
+        """
+        batch = _prepare(workspace_id, events)
+        probe = time.monotonic() < self._probe_until
+        for attempt in range(attempts):
+            # Claimed from before the transaction starts until it has ended, so a later batch
+            # knows which of its events must wait for this one.
+            claim = self.in_flight.claim(batch.lock_keys)
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await _record(conn, batch, claim, probe=probe)
+            except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
+                # Rare: a stored message id, a concurrent join of users, or a race the locks do
+                # not cover; the batch rolled back.
+                if attempt == attempts - 1:
+                    raise Aborted(
+                        "the batch kept losing races with concurrent batches; nothing was stored, retry"
+                    ) from exc
+                if isinstance(exc, asyncpg.UniqueViolationError) and not probe:
+                    probe = True
+                    self._probe_until = time.monotonic() + PROBE_AFTER_DUPLICATE
+                log.info("record_retry", attempt=attempt + 1, reason=type(exc).__name__)
+            finally:
+                self.in_flight.release(claim)
+        raise AssertionError("unreachable")

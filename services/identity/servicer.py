@@ -23,7 +23,6 @@ from services.common.storable import NUL, UNSTORABLE, unstorable
 from services.identity import record, repository
 from services.identity.connections import HeldConnections
 from services.identity.filters import conditions
-from services.identity.inflight import InFlight
 from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
 from services.identity.resolve import ANONYMOUS, USER
@@ -130,7 +129,7 @@ class IdentityServicer(IdentityServiceServicer):
         self._pool = pool
         self._reads = reads
         self._hub = hub
-        self._in_flight = InFlight()
+        self._writer = record.BatchWriter(pool)
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
@@ -140,7 +139,7 @@ class IdentityServicer(IdentityServiceServicer):
         workspace = current_workspace()
         events = list(request.events)
         _check_batch(events)
-        outcomes = await record.record_batch(self._pool, workspace.id, events, self._in_flight)
+        outcomes = await self._writer.record(workspace.id, events)
         return pb.RecordEventsResponse(
             results=[
                 EventResult(

@@ -57,8 +57,9 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
     # that took all its locks at once would wait before it could take the unshared one.
     while record._lock_key(ws, USER, alone) < record._lock_key(ws, USER, shared):
         alone = uid()
-    in_flight = InFlight()
     pool = await create_pool(identity.db_url, max_size=4)
+    writer = record.BatchWriter(pool)
+    in_flight = writer.in_flight
     try:
         async with pool.acquire() as earlier:
             # An earlier batch of this process: it claimed the shared user's key and holds its lock.
@@ -68,7 +69,7 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
             await tx.start()
             await earlier.execute("SELECT pg_advisory_xact_lock($1)", key)
             batch = [track("Clicked", user_id=shared), identify({"plan": "gold"}, user_id=alone)]
-            later = asyncio.create_task(record.record_batch(pool, ws, batch, in_flight))
+            later = asyncio.create_task(writer.record(ws, batch))
             # The later batch locks and writes the unshared user's event, then waits for the earlier one.
             alone_key = record._lock_key(ws, USER, alone)
             async with pool.acquire() as watcher:
