@@ -62,7 +62,7 @@ class Settings:
     max_http_body_bytes: int = 4 * 1024 * 1024
     # RecordEvents calls one ingest process keeps in flight per workspace: the next call's
     # decoding and lock-free work overlaps the transaction of the one before.
-    forward_in_flight: int = 2
+    forward_in_flight: int = 3
 
     # SMS / voice provider: "console" logs what would be sent; "twilio" calls Twilio's REST API.
     sms_provider: str = "console"
