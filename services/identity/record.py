@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 import structlog
+from asyncpg.pgproto.pgproto import UUID as DbUUID
 from parley.common.v1.event_pb2 import Event
 
 from services.common.errors import Aborted
@@ -41,6 +43,15 @@ def _lock_key(workspace_id: str, kind: str, value: str) -> int:
     # A signed 64-bit advisory lock key per (workspace, kind, id); a collision only serializes more.
     digest = hashlib.blake2b(f"{workspace_id}\x00{kind}\x00{value}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _new_id() -> uuid.UUID:
+    """A random (version 4) id, as asyncpg's own UUID type: half the cost of ``uuid.uuid4()``,
+    and asyncpg writes it, and ``str()`` formats it, without going through Python code."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    return DbUUID(bytes(b))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -396,7 +407,7 @@ def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
     ]
     message_ids = [e.message_id for e in events]
     return _Batch(
-        uuid.UUID(workspace_id),
+        DbUUID(workspace_id),
         prepared,
         key_of,
         sorted(set(key_of.values())),
@@ -447,7 +458,7 @@ async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, 
         await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", part.lock_keys)
         state = await _locked_state(conn, ws, part.prepared.ids, part.prepared.phones)
         state.existing = existing
-        plan = resolve(part.prepared, state)
+        plan = resolve(part.prepared, state, _new_id)
         await _run_writes(conn, _writes(ws, plan, part.payloads))
         for i, outcome in zip(part.indexes, plan.outcomes, strict=True):
             outcomes[i] = outcome

@@ -9,6 +9,8 @@ import pytest
 from parley.common.v1.event_pb2 import EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 
+from services.common.errors import InvalidArgument
+from services.identity import servicer
 from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, page, track, uid
 
 ACCEPTED, DUPLICATE = EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_DUPLICATE
@@ -290,3 +292,12 @@ async def test_unstorable_values_are_refused_before_the_database(identity: Ident
         "events[2].phone_time_zone",
         "events[3].traits",
     ]
+
+
+@pytest.mark.parametrize("name", servicer._TEXT_FIELDS)
+def test_a_nul_in_any_text_field_is_named(name: str) -> None:
+    event = track(user_id="u", message_id="m")
+    setattr(event, name, getattr(event, name) + "x\x00")
+    with pytest.raises(InvalidArgument) as info:
+        servicer._check_batch([track(user_id="ok"), event])
+    assert [v.field for v in info.value.violations] == [f"events[1].{name}"]
