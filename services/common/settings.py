@@ -60,8 +60,8 @@ class Settings:
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 500 * 1024
     max_http_body_bytes: int = 4 * 1024 * 1024
-    # RecordEvents calls one ingest process keeps in flight per workspace: the next call's
-    # decoding and lock-free work overlaps the transaction of the one before.
+    # RecordEvents calls one ingest process keeps in flight per workspace: identity writes the
+    # events of a later call that an earlier one does not touch while that one still runs.
     forward_in_flight: int = 3
 
     # SMS / voice provider: "console" logs what would be sent; "twilio" calls Twilio's REST API.
