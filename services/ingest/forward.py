@@ -20,6 +20,8 @@ log = structlog.get_logger(__name__)
 
 # identity's RecordEvents takes at most this many events per call.
 MAX_FORWARD = 1000
+# The fewest events waiting for a workspace that start another call beside a running one.
+PARALLEL_MIN_EVENTS = 200
 # Statuses after which the events are known not to be committed and a retry can succeed.
 _RETRYABLE = frozenset(
     {
@@ -97,8 +99,12 @@ class Forwarder:
         caller = len(group.starts)
         group.starts.append(len(group.events))
         group.events.extend(events)
-        if self._in_flight.get(key, 0) < self._max_in_flight:
-            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        running = self._in_flight.get(key, 0)
+        # A further call in flight only for a group worth one: small ones (single events from
+        # many callers) keep gathering while a call runs, and fewer, larger transactions are
+        # cheaper than several small ones side by side.
+        if running == 0 or (running < self._max_in_flight and len(group.events) >= PARALLEL_MIN_EVENTS):
+            self._in_flight[key] = running + 1
             task = asyncio.create_task(self._run(key))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventStatus, EventType
@@ -185,3 +186,44 @@ async def test_nul_characters_are_rejected_alone_naming_the_field(stack: Stack) 
     ]
     stored = await user_events(stack, user)
     assert sorted(e.event.name for e in stored) == ["First", "Last"]
+
+
+async def test_a_second_call_runs_beside_the_first_only_for_a_large_group(stack: Stack) -> None:
+    forwarder = stack.ingest.runtime.state["forwarder"]
+    send = forwarder._send
+    running = peak = 0
+
+    async def counting(events: list[Event], workspace: Any) -> list[Any]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await send(events, workspace)
+        finally:
+            running -= 1
+
+    forwarder._send = counting
+    try:
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        singles = await asyncio.gather(
+            *(
+                stack.stub.Track(pb.TrackRequest(event=track(f"S{i}", user_id=user)), metadata=stack.md)
+                for i in range(64)
+            )
+        )
+        assert all(r.result.status == ACCEPTED for r in singles)
+        assert peak == 1  # single events wait for the running call and ride the next one together
+        peak = 0
+        batches = await asyncio.gather(
+            *(
+                stack.stub.IngestBatch(
+                    pb.IngestBatchRequest(events=[track(f"B{b}-{i}", user_id=f"{user}-{b}-{i}") for i in range(300)]),
+                    metadata=stack.md,
+                )
+                for b in range(4)
+            )
+        )
+        assert all(r.accepted_count == 300 for r in batches)
+        assert peak > 1  # groups of 300 events each get a call of their own
+    finally:
+        forwarder._send = send
