@@ -26,11 +26,16 @@ _JSONB_VERSION = b"\x01"
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
 
-def _jsonb_encode(value: object) -> bytes:
+def dumps_json(value: object) -> bytes:
+    """``value`` as JSON text, the way jsonb columns are written (see above)."""
     try:
-        return _JSONB_VERSION + orjson.dumps(value)
+        return orjson.dumps(value)
     except TypeError:
-        return _JSONB_VERSION + json.dumps(value).encode()
+        return json.dumps(value).encode()
+
+
+def _jsonb_encode(value: object) -> bytes:
+    return _JSONB_VERSION + dumps_json(value)
 
 
 def _jsonb_decode(data: bytes) -> object:

@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 import structlog
 from asyncpg.pgproto.pgproto import UUID as DbUUID
 from parley.common.v1.event_pb2 import Event
 
+from services.common.db import dumps_json
 from services.common.errors import Aborted
 from services.identity.inflight import Claim, Groups, InFlight, group_events
 from services.identity.repository import NOTIFY_CHANNEL
@@ -210,7 +210,7 @@ class _Writes:
 
 
 def _json_texts(values: list[dict[str, Any]]) -> list[str]:
-    return [orjson.dumps(v).decode() for v in values]
+    return [dumps_json(v).decode() for v in values]
 
 
 def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:

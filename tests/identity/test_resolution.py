@@ -274,6 +274,17 @@ async def test_a_batch_that_fails_in_the_database_stores_nothing(identity: Ident
     assert [r.status for r in got.results] == [ACCEPTED, ACCEPTED]
 
 
+async def test_a_huge_number_in_traits_does_not_block_later_changes(identity: Identity, tenant: Tenant) -> None:
+    """PostgreSQL prints 1e30 back in full, an integer past 64 bits: the stored user and contact
+    must still take later changes."""
+    user = uid()
+    first = await identity.record(tenant, identify({"big": 1e30, "phone": PHONE}, user_id=user, phone=PHONE))
+    second = await identity.record(tenant, identify({"plan": "gold"}, user_id=user))
+    assert [r.status for r in (*first.results, *second.results)] == [ACCEPTED, ACCEPTED]
+    contact = await identity.stub.GetContact(ipb.GetContactRequest(phone=PHONE), metadata=tenant.md)
+    assert contact.contact.properties["plan"] == "gold" and contact.contact.properties["big"] == 1e30
+
+
 async def test_unstorable_values_are_refused_before_the_database(identity: Identity, tenant: Tenant) -> None:
     from services.common.errors import field_violations
 
