@@ -3,12 +3,14 @@ into the events that can go ahead now and those that must wait for an earlier ba
 
 Two batches of one workspace almost always share a few users (any two batches of 1,000 events
 over 50,000 users do), so a batch that took all its locks up front waited for the whole of the
-earlier batch's transaction. Instead, the events whose users, phones and message ids are
-untouched by earlier batches of this process — a group closed under shared ids, phones and
-message ids, so resolving it needs nothing of the rest — are locked, resolved and written
-first, while the earlier batch still runs; the rest after, once its locks are free. Both
-parts are one transaction: the batch still commits whole or not at all. Resolving the two
-parts one after the other means what two batches sent one after the other mean.
+earlier batch's transaction. Instead, the events whose ids, phones and message ids are
+untouched by earlier batches of this process — groups closed under the ids, phones and message
+ids they share — are locked, resolved and written first, while the earlier batch still runs;
+the rest after, once its locks are free. Both parts are one transaction: the batch still commits
+whole or not at all. Stored links can join groups the batch does not show as joined (one user's
+anonymous id and user id in two groups, users sharing a contact): when the later part reaches a
+user or contact the first one had, the batch runs again unsplit (``record._record``), so a batch
+always means what it means resolved whole.
 """
 
 from __future__ import annotations

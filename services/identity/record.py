@@ -39,6 +39,10 @@ class RetryBatch(Exception):
     """The batch read a user that a concurrent batch joined into another; run it again."""
 
 
+class PartsOverlap(RetryBatch):
+    """The batch's later part reached a user or contact its first part had: run it again unsplit."""
+
+
 def _lock_key(workspace_id: str, kind: str, value: str) -> int:
     # A signed 64-bit advisory lock key per (workspace, kind, id); a collision only serializes more.
     digest = hashlib.blake2b(f"{workspace_id}\x00{kind}\x00{value}".encode(), digest_size=8).digest()
@@ -327,7 +331,8 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                 [(ws, c.id, c.phone, c.properties, c.property_times, c.phone_time_zone) for c in new_contacts],
             )
         )
-    # In event-time order, so stream sequence numbers follow it within a batch.
+    # In event-time order, so stream sequence numbers follow it within a part of the batch (and
+    # so for each user and contact, which are never in both parts).
     out.events = [
         (
             ws,
@@ -427,13 +432,18 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
 EARLIER_BATCH_WAIT = 2.0
 
 
-async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, *, probe: bool) -> list[Outcome]:
-    """Locks first, in one global order so concurrent batches never deadlock: advisory locks on
-    the batch's ids and phones (sorted), then the users rows they map to (sorted), then the
-    contact rows (sorted). Everything after works on locked rows only.
+async def _record(
+    conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, *, probe: bool, split: bool = True
+) -> list[Outcome]:
+    """Locks first, within each part in one global order: advisory locks on the part's ids and
+    phones (sorted), then the users rows they map to (sorted), then the contact rows (sorted).
+    Everything after works on locked rows only. A deadlock (possible across the two parts, and
+    with batches of other processes) is detected by PostgreSQL and the batch runs again.
 
     Events untouched by the keys earlier batches of this process claimed go first, the rest
-    once those batches have ended: see ``inflight``.
+    once those batches have ended: see ``inflight``. When the later part reaches a user or
+    contact the first had (stored links the batch does not show), the batch runs again whole,
+    after the earlier batches (``split=False``).
 
     With ``probe``, the message ids stored before are read first (before any lock, while an
     earlier batch may still hold them: that read takes no lock anyway, see ``_run_writes``);
@@ -448,7 +458,12 @@ async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, 
         rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
         existing = {r["message_id"]: r["contact_id"] for r in rows}
     outcomes: list[Outcome | None] = [None] * len(batch.payloads)
-    now, later = batch.groups.split(claim.busy if claim else set())
+    if split or claim is None:
+        now, later = batch.groups.split(claim.busy if claim else set())
+    else:  # all of it after the earlier batches, as the later part would be
+        now, later = [], list(range(len(batch.payloads)))
+    users: set[uuid.UUID] = set()
+    contacts: set[uuid.UUID] = set()
     for indexes in (now, later):
         if not indexes:
             continue
@@ -457,6 +472,13 @@ async def _record(conn: asyncpg.Connection, batch: _Batch, claim: Claim | None, 
         part = batch.part(indexes)
         await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", part.lock_keys)
         state = await _locked_state(conn, ws, part.prepared.ids, part.prepared.phones)
+        # The groups share no id, phone or message id of the batch, but stored users and contacts
+        # can still link them (one user's anonymous and user ids in two groups, users sharing
+        # a contact). Then the parts are not independent: the batch runs again, unsplit.
+        if not users.isdisjoint(state.users) or not contacts.isdisjoint(state.contacts):
+            raise PartsOverlap
+        users.update(state.users)
+        contacts.update(state.contacts)
         state.existing = existing
         plan = resolve(part.prepared, state, _new_id)
         await _run_writes(conn, _writes(ws, plan, part.payloads))
@@ -490,13 +512,14 @@ class BatchWriter:
         """
         batch = _prepare(workspace_id, events)
         probe = time.monotonic() < self._probe_until
+        split = True
         for attempt in range(attempts):
             # Claimed from before the transaction starts until it has ended, so a later batch
             # knows which of its events must wait for this one.
             claim = self.in_flight.claim(batch.lock_keys)
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    return await _record(conn, batch, claim, probe=probe)
+                    return await _record(conn, batch, claim, probe=probe, split=split)
             except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
                 # Rare: a stored message id, a concurrent join of users, or a race the locks do
                 # not cover; the batch rolled back.
@@ -504,6 +527,8 @@ class BatchWriter:
                     raise Aborted(
                         "the batch kept losing races with concurrent batches; nothing was stored, retry"
                     ) from exc
+                if isinstance(exc, PartsOverlap):
+                    split = False
                 if isinstance(exc, asyncpg.UniqueViolationError) and not probe:
                     probe = True
                     self._probe_until = time.monotonic() + PROBE_AFTER_DUPLICATE

@@ -78,6 +78,8 @@ class Forwarder:
     def __init__(
         self, identity: IdentityServiceStub, token: str, *, timeout: float = 30.0, max_in_flight: int = 1
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"PARLEY_FORWARD_IN_FLIGHT={max_in_flight}: at least one call must be allowed in flight")
         self._identity = identity
         self._token = token
         self._timeout = timeout

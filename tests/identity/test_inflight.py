@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
+import pytest
+from parley.common.v1.event_pb2 import Event, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.db import create_pool
 from services.identity import record
 from services.identity.inflight import InFlight, group_events
 from services.identity.resolve import USER
-from tests.identity.conftest import Identity, Tenant, identify, track, uid
+from tests.helpers import MakeWorkspace
+from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, track, uid
 
 
 def test_events_sharing_an_id_a_phone_or_a_message_id_form_one_group() -> None:
@@ -110,3 +115,74 @@ async def _holds_advisory_lock(conn: asyncpg.Connection, key: int, exclude: int 
 
 def _get_user(user_id: str) -> ipb.GetUserRequest:
     return ipb.GetUserRequest(user_id=user_id)
+
+
+P1, P2 = "+14155550101", "+14155550102"
+
+
+def _at(seconds: int) -> Any:
+    return BASE_TIME + timedelta(seconds=seconds)
+
+
+def _one_user_two_ids() -> tuple[list[list[Event]], list[Event], str]:
+    """A stored user known by an anonymous id and a user id; the batch names each in its own event."""
+    x, y = uid("a"), uid("u")
+    setup = [[identify({}, anonymous_id=x, user_id=y, at=_at(0))]]
+    batch = [track("Later, no phone", anonymous_id=x, at=_at(20)), identify({"n": 1}, user_id=y, phone=P1, at=_at(10))]
+    return setup, batch, y
+
+
+def _a_join_and_a_third_id() -> tuple[list[list[Event]], list[Event], str]:
+    """The batch joins a stored user into another; a second event names a third id of the joined one."""
+    x1, x3, y2 = uid("a"), uid("a"), uid("u")
+    setup = [
+        [event(EventType.EVENT_TYPE_ALIAS, anonymous_id=x1, previous_id=x3, at=_at(0))],
+        [identify({}, anonymous_id=x1, phone=P1, at=_at(1))],
+        [identify({}, user_id=y2, phone=P2, at=_at(10))],
+    ]
+    batch = [
+        identify({}, anonymous_id=x1, user_id=y2, at=_at(20)),
+        track("After the join", anonymous_id=x3, at=_at(30)),
+    ]
+    return setup, batch, y2
+
+
+@pytest.mark.parametrize("scenario", [_one_user_two_ids, _a_join_and_a_third_id])
+async def test_groups_linked_by_a_stored_user_mean_what_the_whole_batch_means(
+    identity: Identity, make_workspace: MakeWorkspace, scenario: Any
+) -> None:
+    """Groups share no id of the batch, yet a stored user can link them: split, the later part
+    would be resolved after the first whatever the event times. Such a batch runs unsplit."""
+
+    async def run(with_earlier_batch: bool) -> list[tuple[str | None, str | None, str | None]]:
+        tenant = await identity.tenant(make_workspace)
+        ws = tenant.workspace.id
+        setup, batch, busy_user = scenario()
+        pool = await create_pool(identity.db_url, max_size=3)
+        try:
+            writer = record.BatchWriter(pool)
+            for b in setup:
+                await writer.record(ws, b)
+            if with_earlier_batch:  # one of the batch's user ids is claimed for a moment
+                claim = writer.in_flight.claim([record._lock_key(ws, USER, busy_user)])
+                asyncio.get_running_loop().call_later(0.2, writer.in_flight.release, claim)
+            outcomes = await writer.record(ws, batch)
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """SELECT e.message_id, c.phone, rc.phone AS recorded
+                         FROM identity.events e
+                         LEFT JOIN identity.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
+                         LEFT JOIN identity.contacts rc
+                                ON rc.workspace_id = e.workspace_id AND rc.id = e.recorded_contact_id
+                        WHERE e.workspace_id = $1::uuid""",
+                    ws,
+                )
+                phones = dict(
+                    await conn.fetch("SELECT id, phone FROM identity.contacts WHERE workspace_id = $1::uuid", ws)
+                )
+        finally:
+            await pool.close()
+        stored = {r["message_id"]: (r["phone"], r["recorded"]) for r in rows}
+        return [(phones.get(o.contact_id), *stored[e.message_id]) for e, o in zip(batch, outcomes, strict=True)]
+
+    assert await run(with_earlier_batch=True) == await run(with_earlier_batch=False)

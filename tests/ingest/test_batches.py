@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
+from services.ingest.forward import Forwarder
 from tests.ingest.conftest import Stack, StackFactory, struct, track
 
 ACCEPTED, DUPLICATE, REJECTED = (
@@ -227,3 +229,8 @@ async def test_a_second_call_runs_beside_the_first_only_for_a_large_group(stack:
         assert peak > 1  # groups of 300 events each get a call of their own
     finally:
         forwarder._send = send
+
+
+def test_forwarding_needs_at_least_one_call_in_flight() -> None:
+    with pytest.raises(ValueError, match="PARLEY_FORWARD_IN_FLIGHT"):
+        Forwarder(None, "token", max_in_flight=0)  # type: ignore[arg-type]
