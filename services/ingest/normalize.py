@@ -54,65 +54,6 @@ class Limits:
     max_id_chars: int = 255
 
 
-def too_deep(root: Struct, max_depth: int) -> bool:
-    """True when ``root`` nests objects/lists more than ``max_depth`` levels (``root`` itself is level 1)."""
-    stack: list[tuple[Struct | ListValue, int]] = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, Struct):
-            fields = node.fields
-            values = [fields[key] for key in fields]
-        else:
-            values = list(node.values)
-        for value in values:
-            kind = value.WhichOneof("kind")
-            if kind in _CONTAINERS:
-                if depth >= max_depth:
-                    return True
-                stack.append((getattr(value, kind), depth + 1))
-    return False
-
-
-def has_nul(root: Struct) -> bool:
-    """True when a key or string anywhere in ``root`` holds a NUL character, which Postgres text
-    and jsonb cannot store (identity and later consumers would fail on it)."""
-    stack: list[Struct | ListValue] = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Struct):
-            fields = node.fields
-            if any("\x00" in key for key in fields):
-                return True
-            values = [fields[key] for key in fields]
-        else:
-            values = list(node.values)
-        for value in values:
-            kind = value.WhichOneof("kind")
-            if kind == "string_value":
-                if "\x00" in value.string_value:
-                    return True
-            elif kind in _CONTAINERS:
-                stack.append(getattr(value, kind))
-    return False
-
-
-def has_non_finite(root: Struct) -> bool:
-    """True when ``root`` holds a NaN or infinite number anywhere: JSON, and so what identity
-    stores, has no such value, and one would fail the whole batch there."""
-    stack: list[Struct | ListValue] = [root]
-    while stack:
-        node = stack.pop()
-        values = [node.fields[key] for key in node.fields] if isinstance(node, Struct) else list(node.values)
-        for value in values:
-            kind = value.WhichOneof("kind")
-            if kind == "number_value":
-                if not math.isfinite(value.number_value):
-                    return True
-            elif kind in _CONTAINERS:
-                stack.append(getattr(value, kind))
-    return False
-
-
 # A Value's number is tag 0x11 then 8 little-endian bytes; NaN and the infinities have every
 # exponent bit set, so their last two bytes are [F0-FF] then 7F or FF. A serialization without
 # this pattern holds no such number; other bytes may match too, and those take the walk.
@@ -131,8 +72,11 @@ _contexts: dict[int, dict[bytes, tuple[tuple[bool, bool, bool], bool]]] = {}
 
 
 def _walk(root: Struct, max_depth: int, deep: bool, odd: bool, nul: bool) -> tuple[bool, bool, bool]:
-    """(``too_deep``, ``has_non_finite``, ``has_nul``) in one walk, each asked only when its flag
-    is set (the others come back False): the same answers as the three walks."""
+    """(too deep: nests objects/lists more than ``max_depth`` levels, ``root`` being level 1;
+    holds a NaN or infinite number; holds a NUL in a key or string) in one walk, each asked only
+    when its flag is set (the others come back False). JSON, and so what identity stores, has
+    no non-finite numbers, and Postgres text and jsonb cannot hold NUL: either would fail the
+    whole batch there."""
     want_deep, want_odd, want_nul = deep, odd, nul
     deep = odd = nul = False
     isfinite = math.isfinite
@@ -164,7 +108,7 @@ def _walk(root: Struct, max_depth: int, deep: bool, odd: bool, nul: bool) -> tup
 
 
 def _struct_problems(node: Struct, max_depth: int) -> tuple[bool, bool, bool]:
-    """(``too_deep``, ``has_non_finite``, ``has_nul``), skipping the walk for the common case,
+    """``_walk``'s three answers, skipping the walk for the common case,
     where it costs about half a microsecond per value. The serialization is screened first:
     containers (``_MAYBE_CONTAINER``), non-finite numbers (``_MAYBE_NON_FINITE``) and NUL,
     written as a 0x00 byte, can only be present where their pattern is. Without containers

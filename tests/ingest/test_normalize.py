@@ -15,14 +15,8 @@ from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.phones import time_zone_of
 from services.common.phones import to_e164 as normalize_phone
-from services.ingest.normalize import (
-    Limits,
-    _struct_problems,
-    has_non_finite,
-    has_nul,
-    normalize_event,
-    too_deep,
-)
+from services.ingest.normalize import Limits, _struct_problems, normalize_event
+from tests.ingest.struct_walks import has_non_finite, has_nul, too_deep
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 

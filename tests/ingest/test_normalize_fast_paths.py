@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from google.protobuf.struct_pb2 import Struct, Value
 
-from services.ingest.normalize import _struct_problems, has_non_finite, has_nul, too_deep
+from services.ingest.normalize import _struct_problems
+from tests.ingest.struct_walks import has_non_finite, has_nul, too_deep
 from tests.ingest.test_normalize import nested, struct
 
 # Bytes that are tags, lengths or number parts in a serialized Struct, in keys and strings.

@@ -9,8 +9,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
 
-from services.ingest.normalize import Limits, normalize_event, too_deep
+from services.ingest.normalize import Limits, normalize_event
 from services.ingest.servicer import _counts
+from tests.ingest.struct_walks import too_deep
 from tests.ingest.test_normalize import NOW, nested, struct
 
 
