@@ -8,8 +8,9 @@ untouched by earlier batches of this process — groups closed under the ids, ph
 ids they share — are locked, resolved and written first, while the earlier batch still runs;
 the rest after, once its locks are free. Both parts are one transaction: the batch still commits
 whole or not at all. Stored links can join groups the batch does not show as joined (one user's
-anonymous id and user id in two groups, users sharing a contact): when the later part reaches a
-user or contact the first one had, the batch runs again unsplit (``record._record``), so a batch
+anonymous id and user id in two groups, users sharing a contact, a stored user joined into a new
+one): when the later part reaches a user or contact the first one had or created, the batch runs
+again unsplit (``record._record``), so a batch
 always means what it means resolved whole.
 """
 

@@ -442,8 +442,8 @@ async def _record(
 
     Events untouched by the keys earlier batches of this process claimed go first, the rest
     once those batches have ended: see ``inflight``. When the later part reaches a user or
-    contact the first had (stored links the batch does not show), the batch runs again whole,
-    after the earlier batches (``split=False``).
+    contact the first had or created (stored links the batch does not show), the batch runs
+    again whole, after the earlier batches (``split=False``).
 
     With ``probe``, the message ids stored before are read first (before any lock, while an
     earlier batch may still hold them: that read takes no lock anyway, see ``_run_writes``);
@@ -477,10 +477,12 @@ async def _record(
         # a contact). Then the parts are not independent: the batch runs again, unsplit.
         if not users.isdisjoint(state.users) or not contacts.isdisjoint(state.contacts):
             raise PartsOverlap
-        users.update(state.users)
-        contacts.update(state.contacts)
         state.existing = existing
         plan = resolve(part.prepared, state, _new_id)
+        # After resolving: the users and contacts this part created count too (joining a stored
+        # user into a new one moves the stored user's other ids to it).
+        users.update(state.users)
+        contacts.update(state.contacts)
         await _run_writes(conn, _writes(ws, plan, part.payloads))
         for i, outcome in zip(part.indexes, plan.outcomes, strict=True):
             outcomes[i] = outcome

@@ -14,7 +14,7 @@ from parley.identity.v1 import identity_service_pb2 as ipb
 from services.common.db import create_pool
 from services.identity import record
 from services.identity.inflight import InFlight, group_events
-from services.identity.resolve import USER
+from services.identity.resolve import ANONYMOUS, USER
 from tests.helpers import MakeWorkspace
 from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, track, uid
 
@@ -126,63 +126,127 @@ def _at(seconds: int) -> Any:
 
 def _one_user_two_ids() -> tuple[list[list[Event]], list[Event], str]:
     """A stored user known by an anonymous id and a user id; the batch names each in its own event."""
-    x, y = uid("a"), uid("u")
-    setup = [[identify({}, anonymous_id=x, user_id=y, at=_at(0))]]
-    batch = [track("Later, no phone", anonymous_id=x, at=_at(20)), identify({"n": 1}, user_id=y, phone=P1, at=_at(10))]
-    return setup, batch, y
+    setup = [[identify({}, anonymous_id="a", user_id="u", at=_at(0), message_id="s0")]]
+    batch = [
+        track("Later, no phone", anonymous_id="a", at=_at(20), message_id="b0"),
+        identify({"n": 1}, user_id="u", phone=P1, at=_at(10), message_id="b1"),
+    ]
+    return setup, batch, "u"
 
 
 def _a_join_and_a_third_id() -> tuple[list[list[Event]], list[Event], str]:
     """The batch joins a stored user into another; a second event names a third id of the joined one."""
-    x1, x3, y2 = uid("a"), uid("a"), uid("u")
     setup = [
-        [event(EventType.EVENT_TYPE_ALIAS, anonymous_id=x1, previous_id=x3, at=_at(0))],
-        [identify({}, anonymous_id=x1, phone=P1, at=_at(1))],
-        [identify({}, user_id=y2, phone=P2, at=_at(10))],
+        [event(EventType.EVENT_TYPE_ALIAS, anonymous_id="x1", previous_id="x3", at=_at(0), message_id="s0")],
+        [identify({}, anonymous_id="x1", phone=P1, at=_at(1), message_id="s1")],
+        [identify({}, user_id="y2", phone=P2, at=_at(10), message_id="s2")],
     ]
     batch = [
-        identify({}, anonymous_id=x1, user_id=y2, at=_at(20)),
-        track("After the join", anonymous_id=x3, at=_at(30)),
+        identify({}, anonymous_id="x1", user_id="y2", at=_at(20), message_id="b0"),
+        track("After the join", anonymous_id="x3", at=_at(30), message_id="b1"),
     ]
-    return setup, batch, y2
+    return setup, batch, "y2"
 
 
-@pytest.mark.parametrize("scenario", [_one_user_two_ids, _a_join_and_a_third_id])
-async def test_groups_linked_by_a_stored_user_mean_what_the_whole_batch_means(
-    identity: Identity, make_workspace: MakeWorkspace, scenario: Any
+def _stored_user_with_two_anonymous_ids() -> list[list[Event]]:
+    return [
+        [track("Seen", anonymous_id="a1", at=_at(0), message_id="s0")],
+        [event(EventType.EVENT_TYPE_ALIAS, anonymous_id="a1", previous_id="a2", at=_at(1), message_id="s1")],
+    ]
+
+
+def _joined_into_a_new_user_then_a_phone() -> tuple[list[list[Event]], list[Event], str]:
+    """The first part joins a stored user into a user it creates; the later part names the stored
+    user's other id, which the join moved to the new user."""
+    batch = [
+        track("X", anonymous_id="a2", phone=P2, at=_at(10), message_id="b0"),
+        identify({"k": 1}, user_id="u1", phone=P1, at=_at(20), message_id="b1"),
+        track("Z", user_id="u1", anonymous_id="a1", at=_at(30), message_id="b2"),
+    ]
+    return _stored_user_with_two_anonymous_ids(), batch, "a2"
+
+
+def _joined_into_a_new_user_then_another_user_id() -> tuple[list[list[Event]], list[Event], str]:
+    batch = [
+        identify({"who": "u2"}, user_id="u2", anonymous_id="a2", at=_at(10), message_id="b0"),
+        identify({"who": "u1"}, user_id="u1", at=_at(20), message_id="b1"),
+        track("Z", user_id="u1", anonymous_id="a1", at=_at(30), message_id="b2"),
+    ]
+    return _stored_user_with_two_anonymous_ids(), batch, "a2"
+
+
+async def _snapshot(conn: asyncpg.Connection, ws: str, outcomes: list[Any]) -> dict[str, Any]:
+    """Everything the batch decided, named by phones, ids and message ids (not generated keys)."""
+    rows = await conn.fetch("SELECT kind, external_id, user_key FROM identity.identities WHERE workspace_id = $1", ws)
+    names: dict[Any, list[str]] = {}
+    for r in rows:
+        names.setdefault(r["user_key"], []).append(f"{r['kind']}:{r['external_id']}")
+    user = {k: tuple(sorted(v)) for k, v in names.items()}
+    contacts = await conn.fetch("SELECT id, phone, properties FROM identity.contacts WHERE workspace_id = $1", ws)
+    phone = {r["id"]: r["phone"] for r in contacts}
+    users = await conn.fetch(
+        """SELECT user_key, contact_id, identified, traits FROM identity.users
+            WHERE workspace_id = $1 AND merged_into IS NULL""",
+        ws,
+    )
+    events = await conn.fetch(
+        """SELECT message_id, user_key, contact_id, recorded_contact_id FROM identity.events
+            WHERE workspace_id = $1 ORDER BY xid, seq""",
+        ws,
+    )
+    links = await conn.fetch("SELECT contact_id, user_key FROM identity.contact_users WHERE workspace_id = $1", ws)
+    stream_by_user: dict[Any, list[str]] = {}
+    stream_by_contact: dict[Any, list[str]] = {}
+    for e in events:
+        stream_by_user.setdefault(user.get(e["user_key"]), []).append(e["message_id"])
+        stream_by_contact.setdefault(phone.get(e["recorded_contact_id"]), []).append(e["message_id"])
+    return {
+        "reported": [phone.get(o.contact_id) for o in outcomes],
+        "events": sorted(
+            (e["message_id"], phone.get(e["contact_id"]), phone.get(e["recorded_contact_id"]), user.get(e["user_key"]))
+            for e in events
+        ),
+        "users": sorted(
+            (user.get(u["user_key"]), phone.get(u["contact_id"]), u["identified"], u["traits"]) for u in users
+        ),
+        "contacts": sorted((c["phone"], str(c["properties"])) for c in contacts),
+        "contact_users": sorted((phone.get(r["contact_id"]), user.get(r["user_key"])) for r in links),
+        "stream_by_user": stream_by_user,
+        "stream_by_contact": stream_by_contact,
+    }
+
+
+@pytest.mark.parametrize(
+    ("scenario", "busy_kind"),
+    [
+        (_one_user_two_ids, USER),
+        (_a_join_and_a_third_id, USER),
+        (_joined_into_a_new_user_then_a_phone, ANONYMOUS),
+        (_joined_into_a_new_user_then_another_user_id, ANONYMOUS),
+    ],
+)
+async def test_groups_linked_by_stored_users_mean_what_the_whole_batch_means(
+    identity: Identity, make_workspace: MakeWorkspace, scenario: Any, busy_kind: str
 ) -> None:
-    """Groups share no id of the batch, yet a stored user can link them: split, the later part
+    """Groups share no id of the batch, yet stored users can link them: split, the later part
     would be resolved after the first whatever the event times. Such a batch runs unsplit."""
 
-    async def run(with_earlier_batch: bool) -> list[tuple[str | None, str | None, str | None]]:
+    async def run(with_earlier_batch: bool) -> dict[str, Any]:
         tenant = await identity.tenant(make_workspace)
         ws = tenant.workspace.id
-        setup, batch, busy_user = scenario()
+        setup, batch, busy_id = scenario()
         pool = await create_pool(identity.db_url, max_size=3)
         try:
             writer = record.BatchWriter(pool)
             for b in setup:
                 await writer.record(ws, b)
-            if with_earlier_batch:  # one of the batch's user ids is claimed for a moment
-                claim = writer.in_flight.claim([record._lock_key(ws, USER, busy_user)])
+            if with_earlier_batch:  # one of the batch's ids is claimed for a moment
+                claim = writer.in_flight.claim([record._lock_key(ws, busy_kind, busy_id)])
                 asyncio.get_running_loop().call_later(0.2, writer.in_flight.release, claim)
             outcomes = await writer.record(ws, batch)
             async with pool.acquire() as conn:
-                rows = await conn.fetch(
-                    """SELECT e.message_id, c.phone, rc.phone AS recorded
-                         FROM identity.events e
-                         LEFT JOIN identity.contacts c ON c.workspace_id = e.workspace_id AND c.id = e.contact_id
-                         LEFT JOIN identity.contacts rc
-                                ON rc.workspace_id = e.workspace_id AND rc.id = e.recorded_contact_id
-                        WHERE e.workspace_id = $1::uuid""",
-                    ws,
-                )
-                phones = dict(
-                    await conn.fetch("SELECT id, phone FROM identity.contacts WHERE workspace_id = $1::uuid", ws)
-                )
+                return await _snapshot(conn, ws, outcomes)
         finally:
             await pool.close()
-        stored = {r["message_id"]: (r["phone"], r["recorded"]) for r in rows}
-        return [(phones.get(o.contact_id), *stored[e.message_id]) for e, o in zip(batch, outcomes, strict=True)]
 
     assert await run(with_earlier_batch=True) == await run(with_earlier_batch=False)
