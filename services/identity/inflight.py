@@ -17,67 +17,83 @@ always means what it means resolved whole.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 
-@dataclass
+class EarlierBatchBlocked(Exception):
+    """An earlier batch of this process waits for a lock this batch holds: this one must give way."""
+
+
+@dataclass(eq=False)
 class Claim:
     """One batch's claim on its lock keys, from before its transaction starts until it ends."""
 
     keys: Sequence[int]
-    # Of ``keys``, those an earlier batch of this process had claimed, and the ends of those batches.
+    # Of ``keys``, those an earlier batch of this process had claimed.
     busy: set[int]
-    earlier: set[asyncio.Future[None]]
+    # Every batch of this process that was in flight when this one claimed, in claim order.
+    earlier: list[Claim]
     done: asyncio.Future[None]
+    # The database backend of the batch's connection, once it has one.
+    pid: int = 0
 
-    async def wait_for_earlier(self, within: float) -> None:
-        """Until the earlier batches sharing a key have ended, or for ``within`` seconds at most.
+    async def wait_for_earlier(
+        self, blocked_by_me: Callable[[list[int]], Awaitable[bool]], within: float, poll: float
+    ) -> None:
+        """Until every earlier batch of this process has ended, or for ``within`` seconds at most.
 
-        The part that waits takes its locks only then, so it never queues in PostgreSQL ahead
-        of the earlier batch that still needs the same key (two such batches deadlocked). The
-        wait is bounded: a cycle through a batch of another process, or a user row reached
-        through two different ids, then becomes a PostgreSQL lock wait, which PostgreSQL
-        detects as a deadlock, and the batch that loses runs again.
+        What waits takes its locks only then, so it never queues in PostgreSQL ahead of an
+        earlier batch that still needs the same lock (two such batches deadlocked), and while it
+        waits no earlier batch of this process can be waiting for it: every ``poll`` seconds it
+        asks (``blocked_by_me``) whether one waits for a lock it took before, and raises
+        ``EarlierBatchBlocked`` if so. The wait is bounded: a cycle through a batch of another
+        process then becomes a PostgreSQL lock wait, which PostgreSQL detects as a deadlock.
         """
-        if self.earlier:
-            await asyncio.wait(self.earlier, timeout=within)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        pending = {c.done for c in self.earlier if not c.done.done()}
+        while pending:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            _, pending = await asyncio.wait(pending, timeout=min(poll, left))
+            running = [c.pid for c in self.earlier if c.pid and not c.done.done()]
+            if pending and running and await blocked_by_me(running):
+                raise EarlierBatchBlocked
 
 
 class InFlight:
-    """The lock keys claimed by this process's batches."""
+    """The batches of this process between claiming their lock keys and ending."""
 
     def __init__(self) -> None:
-        self._holders: dict[int, list[asyncio.Future[None]]] = {}
+        self._holders: dict[int, int] = {}
+        self._active: dict[Claim, None] = {}  # in claim order
 
     def claim(self, keys: Sequence[int]) -> Claim:
-        """Register ``keys`` for a new batch: later batches will wait for it where they share one."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        busy: set[int] = set()
-        earlier: set[asyncio.Future[None]] = set()
+        """Register ``keys`` for a new batch; what it shares with earlier batches comes back."""
         holders = self._holders
+        busy = {k for k in keys if k in holders}
         for k in keys:
-            held = holders.get(k)
-            if held:
-                busy.add(k)
-                earlier.update(held)
-                held.append(done)
-            else:
-                holders[k] = [done]
-        return Claim(keys, busy, earlier, done)
+            holders[k] = holders.get(k, 0) + 1
+        claim = Claim(keys, busy, list(self._active), asyncio.get_running_loop().create_future())
+        self._active[claim] = None
+        return claim
 
     def release(self, claim: Claim) -> None:
         """The batch has ended (committed or rolled back)."""
         holders = self._holders
         for k in claim.keys:
-            held = holders[k]
-            held.remove(claim.done)
-            if not held:
+            left = holders[k] - 1
+            if left:
+                holders[k] = left
+            else:
                 del holders[k]
+        del self._active[claim]
         claim.done.set_result(None)
 
     def __len__(self) -> int:
-        return len(self._holders)
+        return len(self._active)
 
 
 @dataclass(frozen=True)

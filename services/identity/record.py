@@ -18,7 +18,7 @@ from parley.common.v1.event_pb2 import Event
 
 from services.common.db import dumps_json
 from services.common.errors import Aborted
-from services.identity.inflight import Claim, Groups, InFlight, group_events
+from services.identity.inflight import Claim, EarlierBatchBlocked, Groups, InFlight, group_events
 from services.identity.repository import NOTIFY_CHANNEL
 from services.identity.resolve import (
     ContactState,
@@ -427,9 +427,16 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
     return await _record(conn, _prepare(workspace_id, events), None, probe=True)
 
 
-# How long the events that share a key with an earlier batch of this process wait for it to end
-# before they queue for their locks in PostgreSQL anyway (see ``Claim.wait_for_earlier``).
+# How long the events that wait for earlier batches of this process wait at most before they queue
+# for their locks in PostgreSQL anyway, and how often they check that none of those waits for a
+# lock they hold (see ``Claim.wait_for_earlier``).
 EARLIER_BATCH_WAIT = 2.0
+EARLIER_BATCH_POLL = 0.02
+# The lock timeout of what a batch does ahead of earlier batches of this process.
+AHEAD_LOCK_TIMEOUT_MS = 50
+
+# Whether backend $1 holds a lock one of backends $2 waits for.
+_BLOCKS_ANY = "SELECT EXISTS (SELECT 1 FROM unnest($2::int[]) AS p WHERE $1 = ANY(pg_blocking_pids(p)))"
 
 
 async def _record(
@@ -458,17 +465,30 @@ async def _record(
         rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)
         existing = {r["message_id"]: r["contact_id"] for r in rows}
     outcomes: list[Outcome | None] = [None] * len(batch.payloads)
-    if split or claim is None:
-        now, later = batch.groups.split(claim.busy if claim else set())
+    alone = claim is None or not claim.earlier
+    if alone:
+        now, later = list(range(len(batch.payloads))), []
+    elif split:
+        now, later = batch.groups.split(claim.busy)  # type: ignore[union-attr]
     else:  # all of it after the earlier batches, as the later part would be
         now, later = [], list(range(len(batch.payloads)))
+
+    async def blocked_by_me(pids: list[int]) -> bool:
+        return bool(await conn.fetchval(_BLOCKS_ANY, conn.get_server_pid(), pids))
+
     users: set[uuid.UUID] = set()
     contacts: set[uuid.UUID] = set()
     for indexes in (now, later):
         if not indexes:
             continue
+        ahead = indexes is now and not alone
         if indexes is later and claim is not None:
-            await claim.wait_for_earlier(EARLIER_BATCH_WAIT)
+            await claim.wait_for_earlier(blocked_by_me, EARLIER_BATCH_WAIT, EARLIER_BATCH_POLL)
+        elif ahead:
+            # Ahead of earlier batches of this process, a wait for a lock may close a cycle with
+            # one of them (a user row reached through another id): give up soon, and run again
+            # after them.
+            await conn.execute(f"SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT_MS}ms'")
         part = batch.part(indexes)
         await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", part.lock_keys)
         state = await _locked_state(conn, ws, part.prepared.ids, part.prepared.phones)
@@ -486,6 +506,8 @@ async def _record(
         await _run_writes(conn, _writes(ws, plan, part.payloads))
         for i, outcome in zip(part.indexes, plan.outcomes, strict=True):
             outcomes[i] = outcome
+        if ahead and later:
+            await conn.execute("SET LOCAL lock_timeout = 0")
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 
@@ -521,16 +543,23 @@ class BatchWriter:
             claim = self.in_flight.claim(batch.lock_keys)
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
+                    claim.pid = conn.get_server_pid()
                     return await _record(conn, batch, claim, probe=probe, split=split)
-            except (RetryBatch, asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError) as exc:
+            except (
+                RetryBatch,
+                EarlierBatchBlocked,
+                asyncpg.DeadlockDetectedError,
+                asyncpg.LockNotAvailableError,
+                asyncpg.UniqueViolationError,
+            ) as exc:
                 # Rare: a stored message id, a concurrent join of users, or a race the locks do
                 # not cover; the batch rolled back.
                 if attempt == attempts - 1:
                     raise Aborted(
                         "the batch kept losing races with concurrent batches; nothing was stored, retry"
                     ) from exc
-                if isinstance(exc, PartsOverlap):
-                    split = False
+                if isinstance(exc, (PartsOverlap, EarlierBatchBlocked, asyncpg.LockNotAvailableError)):
+                    split = False  # run again after the earlier batches of this process
                 if isinstance(exc, asyncpg.UniqueViolationError) and not probe:
                     probe = True
                     self._probe_until = time.monotonic() + PROBE_AFTER_DUPLICATE

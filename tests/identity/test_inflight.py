@@ -13,7 +13,7 @@ from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.db import create_pool
 from services.identity import record
-from services.identity.inflight import InFlight, group_events
+from services.identity.inflight import EarlierBatchBlocked, InFlight, group_events
 from services.identity.resolve import ANONYMOUS, USER
 from tests.helpers import MakeWorkspace
 from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, track, uid
@@ -33,24 +33,47 @@ def test_events_sharing_an_id_a_phone_or_a_message_id_form_one_group() -> None:
     assert groups.split({4}) == ([1, 2, 4], [0, 3])
 
 
-async def test_a_claim_knows_the_earlier_batches_it_shares_keys_with() -> None:
+async def test_a_claim_knows_the_earlier_batches_and_the_keys_it_shares_with_them() -> None:
     in_flight = InFlight()
     first = in_flight.claim([1, 2])
     second = in_flight.claim([2, 3])
-    third = in_flight.claim([3, 4])
-    assert (first.busy, second.busy, third.busy) == (set(), {2}, {3})
-    assert second.earlier == {first.done} and third.earlier == {second.done}
+    third = in_flight.claim([4])
+    assert (first.busy, second.busy, third.busy) == (set(), {2}, set())
+    assert (first.earlier, second.earlier, third.earlier) == ([], [first], [first, second])
+
+    async def not_blocked(pids: list[int]) -> bool:
+        return False
+
     in_flight.release(first)
     assert first.done.done()
-    await asyncio.wait_for(second.wait_for_earlier(within=5), 1)
+    waiting = asyncio.create_task(third.wait_for_earlier(not_blocked, within=5, poll=0.01))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the second batch is still running
     in_flight.release(second)
+    await asyncio.wait_for(waiting, 1)
     in_flight.release(third)
     assert len(in_flight) == 0
     # The wait is bounded: a batch that never ends does not hold a later one forever.
     stuck = in_flight.claim([9])
     later = in_flight.claim([9])
-    await asyncio.wait_for(later.wait_for_earlier(within=0.05), 1)
+    await asyncio.wait_for(later.wait_for_earlier(not_blocked, within=0.05, poll=0.01), 1)
     assert not stuck.done.done()
+
+
+async def test_a_batch_gives_way_when_an_earlier_one_waits_for_its_lock() -> None:
+    in_flight = InFlight()
+    earlier = in_flight.claim([1])
+    earlier.pid = 4242
+    later = in_flight.claim([2])
+    asked: list[list[int]] = []
+
+    async def blocked(pids: list[int]) -> bool:
+        asked.append(pids)
+        return True
+
+    with pytest.raises(EarlierBatchBlocked):
+        await asyncio.wait_for(later.wait_for_earlier(blocked, within=5, poll=0.01), 1)
+    assert asked == [[4242]]
 
 
 async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch_holds_the_shared_ones(
@@ -250,3 +273,92 @@ async def test_groups_linked_by_stored_users_mean_what_the_whole_batch_means(
             await pool.close()
 
     assert await run(with_earlier_batch=True) == await run(with_earlier_batch=False)
+
+
+async def test_a_later_batch_gives_way_to_an_earlier_one_waiting_for_a_user_it_locked(
+    identity: Identity, tenant: Tenant
+) -> None:
+    """The later batch reached a stored user through another id and locked it; the earlier batch
+    then waits for that user while the later one waits for it to end. The later one must see
+    this and give way at once, not after its bounded wait and a deadlock timeout."""
+    ws = tenant.workspace.id
+    pool = await create_pool(identity.db_url, max_size=4)
+    try:
+        writer = record.BatchWriter(pool)
+        await writer.record(ws, [identify({}, anonymous_id="a", user_id="u")])
+        async with pool.acquire() as conn:
+            user_key = await conn.fetchval(
+                "SELECT user_key FROM identity.identities WHERE workspace_id = $1 AND external_id = 'u'", ws
+            )
+        async with pool.acquire() as earlier:
+            # An earlier batch of this process: it holds the key of user id "v" and will want user "u".
+            v_key = record._lock_key(ws, USER, "v")
+            claim = writer.in_flight.claim([v_key, record._lock_key(ws, USER, "u")])
+            claim.pid = earlier.get_server_pid()
+            tx = earlier.transaction()
+            await tx.start()
+            await earlier.execute("SELECT pg_advisory_xact_lock($1)", v_key)
+            started = asyncio.get_running_loop().time()
+            # The later batch: its "a" event goes ahead and locks the user; its "v" event waits.
+            later = asyncio.create_task(writer.record(ws, [track("A", anonymous_id="a"), track("V", user_id="v")]))
+            async with pool.acquire() as watcher:
+                for _ in range(200):
+                    locked = await watcher.fetchval(
+                        """SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                                           WHERE c.relname = 'users' AND l.mode = 'RowShareLock' AND l.pid <> $1)""",
+                        claim.pid,
+                    )
+                    if locked:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the later batch never locked the user")
+            # Now the earlier batch wants the user the later one locked.
+            await earlier.fetch(
+                "SELECT 1 FROM identity.users WHERE workspace_id = $1 AND user_key = $2 FOR UPDATE", ws, user_key
+            )
+            gave_way = asyncio.get_running_loop().time() - started
+            await tx.commit()
+            writer.in_flight.release(claim)
+        outcomes = await asyncio.wait_for(later, 30)
+    finally:
+        await pool.close()
+    assert [o.duplicate for o in outcomes] == [False, False]
+    assert gave_way < record.EARLIER_BATCH_WAIT  # without the check: the bounded wait, then a deadlock
+
+
+async def test_ahead_of_an_earlier_batch_a_lock_wait_gives_up_and_the_batch_waits_its_turn(
+    identity: Identity, tenant: Tenant
+) -> None:
+    """A later batch's event reaches, through an unclaimed id, a user an earlier batch of this
+    process has locked: rather than queue in PostgreSQL (where it could close a cycle), it gives
+    up within the ahead lock timeout and runs again once the earlier batch has ended."""
+    ws = tenant.workspace.id
+    pool = await create_pool(identity.db_url, max_size=4)
+    try:
+        writer = record.BatchWriter(pool)
+        await writer.record(ws, [identify({}, anonymous_id="a", user_id="u")])
+        async with pool.acquire() as earlier:
+            claim = writer.in_flight.claim([record._lock_key(ws, USER, "u")])
+            claim.pid = earlier.get_server_pid()
+            tx = earlier.transaction()
+            await tx.start()
+            await earlier.execute(
+                """SELECT 1 FROM identity.users u JOIN identity.identities i USING (workspace_id, user_key)
+                    WHERE i.workspace_id = $1 AND i.external_id = 'u' FOR UPDATE OF u""",
+                ws,
+            )
+            later = asyncio.create_task(writer.record(ws, [track("A", anonymous_id="a")]))
+            await asyncio.sleep(0.5)  # ten lock timeouts
+            async with pool.acquire() as watcher:
+                queued = await watcher.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> $1", claim.pid
+                )
+            assert not later.done()
+            assert queued == 0  # it waits for the earlier batch in the process, not in PostgreSQL
+            await tx.commit()
+            writer.in_flight.release(claim)
+        [outcome] = await asyncio.wait_for(later, 30)
+    finally:
+        await pool.close()
+    assert not outcome.duplicate
