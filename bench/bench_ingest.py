@@ -5,6 +5,9 @@ Phases, all in one run against one fresh database:
      50k distinct users), a few calls in flight, until every event is committed.
   2. gRPC ``Track``: one event per call, 64 concurrent callers.
   3. HTTP ``/v1/batch``: 100-event gzip batches, 16 concurrent senders.
+  3b. gRPC ``IngestBatch`` again for another 50k users, ids mixed as browsers and servers send
+     them (an identify names the anonymous and the user id, other events one of the two), so
+     one user is reached through two ids: a reference, not a target.
   4. Ceiling: asyncpg COPY of phase 1's rows into a table made ``LIKE`` identity's event
      table ``INCLUDING ALL`` (same columns, indexes and constraints).
   5. Profile: ingest restarted under cProfile for a short batch phase; its hottest functions.
@@ -54,6 +57,7 @@ from services.common.logs import configure_logging  # noqa: E402
 
 USERS = 50_000
 FLOOR = "gRPC Health.Check, no-op (64 callers)"
+MIXED = "gRPC IngestBatch, mixed ids (500/call)"
 AREA_CODES = (415, 212, 646, 312, 617, 206, 303, 512)
 
 
@@ -90,11 +94,11 @@ class Spec:
     sent: datetime
 
 
-def workload(n: int, rng: random.Random) -> list[Spec]:
+def workload(n: int, rng: random.Random, first_user: int = 0) -> list[Spec]:
     now = datetime.now(UTC)
     out: list[Spec] = []
     for _ in range(n):
-        user = rng.randrange(USERS)
+        user = first_user + rng.randrange(USERS)
         roll = rng.random()
         traits: dict[str, Any] = {}
         properties: dict[str, Any] = {}
@@ -136,8 +140,19 @@ _KINDS = {
 _CONTEXT = {"library": {"name": "bench", "version": "1.0"}, "ip": "10.1.2.3", "locale": "en-US"}
 
 
-def to_proto(spec: Spec) -> Event:
-    event = Event(type=_KINDS[spec.kind], message_id=spec.message_id, user_id=f"user-{spec.user}", name=spec.name)
+def to_proto(spec: Spec, mixed_ids: bool = False) -> Event:
+    event = Event(type=_KINDS[spec.kind], message_id=spec.message_id, name=spec.name)
+    if mixed_ids:
+        # As a browser and a server send them: an identify names the anonymous and the user id,
+        # other events one of the two.
+        both = spec.kind == "identify"
+        by_user = both or int(spec.message_id[:8], 16) % 2 == 0
+        if by_user:
+            event.user_id = f"user-{spec.user}"
+        if both or not by_user:
+            event.anonymous_id = f"anon-{spec.user}"
+    else:
+        event.user_id = f"user-{spec.user}"
     if spec.properties:
         event.properties.update(spec.properties)
     if spec.traits:
@@ -518,6 +533,14 @@ async def main(args: argparse.Namespace) -> None:
             (gzip.compress(json.dumps({"batch": [to_segment(s) for s in http_specs[i : i + 100]]}).encode()), 100)
             for i in range(0, len(http_specs), 100)
         ]
+        # Other users (and phones) than the first phase's, so the two phases do not meet.
+        mixed_specs = workload(args.batches * 500, rng, first_user=USERS)
+        mixed_bodies = [
+            pb.IngestBatchRequest(
+                events=[to_proto(s, mixed_ids=True) for s in mixed_specs[i : i + 500]]
+            ).SerializeToString()
+            for i in range(0, len(mixed_specs), 500)
+        ]
         warm = workload(2_000, rng)
         await grpc_batches(
             ingest_addr,
@@ -537,6 +560,7 @@ async def main(args: argparse.Namespace) -> None:
                 "HTTP /v1/batch (100/gzip, 16 senders)",
                 lambda: http_batches(f"http://127.0.0.1:{http_port}/v1/batch", key, http_bodies, 16),
             ),
+            (MIXED, lambda: grpc_batches(ingest_addr, md, mixed_bodies, args.in_flight)),
             (FLOOR, lambda: health_checks(ingest_addr, args.singles, 64)),
         ):
             log(f"phase: {label}")
@@ -607,7 +631,9 @@ def report(
         "",
         f"Client, ingest, identity and PostgreSQL as separate processes on {os.cpu_count()} cores; "
         f"{USERS:,} distinct users, 20% of events identify calls with a phone. Every event is committed "
-        "by identity before its call returns.",
+        "by identity before its call returns. The mixed-ids phase sends the same kind of events for "
+        f"another {USERS:,} users, each identify naming an anonymous and a user id and every other event "
+        "one of the two.",
         "",
         "| path | events | seconds | events/s | target | met |",
         "|---|---:|---:|---:|---|---|",
@@ -616,11 +642,12 @@ def report(
         batch_label: (batch_rate >= 20_000 and batch_rate / copy_rate >= 0.20, "≥ 20,000/s and ≥ 0.20 x COPY"),
         single_label: (single_rate >= 1_500, "≥ 1,500/s"),
         http_label: (http_rate >= 0.5 * batch_rate, "≥ 0.5 x gRPC batch"),
+        MIXED: (True, "(reference: the first phase's events, ids as browsers and servers mix them)"),
         FLOOR: (True, "(reference: calls/s, not events)"),
     }
     for label, (count, took, _m) in results.items():
         met, target = targets[label]
-        if label == FLOOR:
+        if label in (FLOOR, MIXED):
             lines.append(f"| {label} | {count:,} | {took:.1f} | {count / took:,.0f} | {target} | |")
             continue
         lines.append(
