@@ -6,12 +6,12 @@ over 50,000 users do), so a batch that took all its locks up front waited for th
 earlier batch's transaction. Instead, the events whose ids, phones and message ids are
 untouched by earlier batches of this process — groups closed under the ids, phones and message
 ids they share — are locked, resolved and written first, while the earlier batches still run
-(under a short lock timeout, see ``record._record``); the rest after, once they have ended. Both parts are one transaction: the batch still commits
-whole or not at all. Stored links can join groups the batch does not show as joined (one user's
-anonymous id and user id in two groups, users sharing a contact, a stored user joined into a new
-one): when the later part reaches a user or contact the first one had or created, the batch runs
-again unsplit (``record._record``), so a batch
-always means what it means resolved whole.
+(under a short lock timeout, see ``record._record``); the rest after, once they have ended.
+Both parts are one transaction: the batch still commits whole or not at all. Stored links can
+join groups the batch does not show as joined (one user's anonymous id and user id in two
+groups, users sharing a contact, a stored user joined into a new one): when the later part
+reaches a user or contact the first one had or created, the batch runs again unsplit
+(``record._record``), so a batch always means what it means resolved whole.
 """
 
 from __future__ import annotations
