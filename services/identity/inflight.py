@@ -29,10 +29,11 @@ class EarlierBatchBlocked(Exception):
 class Claim:
     """One batch's claim on its lock keys, from before its transaction starts until it ends."""
 
+    workspace: str
     keys: Sequence[int]
     # Of ``keys``, those an earlier batch of this process had claimed.
     busy: set[int]
-    # Every batch of this process that was in flight when this one claimed, in claim order.
+    # Every batch of the workspace this process had in flight when this one claimed, in claim order.
     earlier: list[Claim]
     done: asyncio.Future[None]
     # The database backend of the batch's connection, once it has one.
@@ -68,16 +69,18 @@ class InFlight:
 
     def __init__(self) -> None:
         self._holders: dict[int, int] = {}
-        self._active: dict[Claim, None] = {}  # in claim order
+        # Per workspace, in claim order: batches of different workspaces never share a lock.
+        self._active: dict[str, dict[Claim, None]] = {}
 
-    def claim(self, keys: Sequence[int]) -> Claim:
+    def claim(self, workspace: str, keys: Sequence[int]) -> Claim:
         """Register ``keys`` for a new batch; what it shares with earlier batches comes back."""
         holders = self._holders
         busy = {k for k in keys if k in holders}
         for k in keys:
             holders[k] = holders.get(k, 0) + 1
-        claim = Claim(keys, busy, list(self._active), asyncio.get_running_loop().create_future())
-        self._active[claim] = None
+        active = self._active.setdefault(workspace, {})
+        claim = Claim(workspace, keys, busy, list(active), asyncio.get_running_loop().create_future())
+        active[claim] = None
         return claim
 
     def release(self, claim: Claim) -> None:
@@ -89,11 +92,17 @@ class InFlight:
                 holders[k] = left
             else:
                 del holders[k]
-        del self._active[claim]
+        active = self._active[claim.workspace]
+        del active[claim]
+        if not active:
+            del self._active[claim.workspace]
+        # Each claim lists the ones before it: kept, the list would keep every claim since the
+        # process was last idle, a chain that under steady load never ends.
+        claim.earlier = []
         claim.done.set_result(None)
 
     def __len__(self) -> int:
-        return len(self._active)
+        return sum(len(a) for a in self._active.values())
 
 
 @dataclass(frozen=True)

@@ -506,8 +506,9 @@ async def _record(
         await _run_writes(conn, _writes(ws, plan, part.payloads))
         for i, outcome in zip(part.indexes, plan.outcomes, strict=True):
             outcomes[i] = outcome
-        if ahead and later:
-            await conn.execute("SET LOCAL lock_timeout = 0")
+        if ahead:
+            # Off again before the later part, and before COMMIT, which may wait for a lock too.
+            await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 
@@ -540,7 +541,7 @@ class BatchWriter:
         for attempt in range(attempts):
             # Claimed from before the transaction starts until it has ended, so a later batch
             # knows which of its events must wait for this one.
-            claim = self.in_flight.claim(batch.lock_keys)
+            claim = self.in_flight.claim(workspace_id, batch.lock_keys)
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     claim.pid = conn.get_server_pid()

@@ -35,9 +35,9 @@ def test_events_sharing_an_id_a_phone_or_a_message_id_form_one_group() -> None:
 
 async def test_a_claim_knows_the_earlier_batches_and_the_keys_it_shares_with_them() -> None:
     in_flight = InFlight()
-    first = in_flight.claim([1, 2])
-    second = in_flight.claim([2, 3])
-    third = in_flight.claim([4])
+    first = in_flight.claim("w", [1, 2])
+    second = in_flight.claim("w", [2, 3])
+    third = in_flight.claim("w", [4])
     assert (first.busy, second.busy, third.busy) == (set(), {2}, set())
     assert (first.earlier, second.earlier, third.earlier) == ([], [first], [first, second])
 
@@ -54,17 +54,32 @@ async def test_a_claim_knows_the_earlier_batches_and_the_keys_it_shares_with_the
     in_flight.release(third)
     assert len(in_flight) == 0
     # The wait is bounded: a batch that never ends does not hold a later one forever.
-    stuck = in_flight.claim([9])
-    later = in_flight.claim([9])
+    stuck = in_flight.claim("w", [9])
+    later = in_flight.claim("w", [9])
     await asyncio.wait_for(later.wait_for_earlier(not_blocked, within=0.05, poll=0.01), 1)
     assert not stuck.done.done()
 
 
+async def test_claims_see_their_own_workspace_only_and_forget_the_earlier_ones_when_released() -> None:
+    in_flight = InFlight()
+    first = in_flight.claim("w1", [1])
+    other = in_flight.claim("w2", [2])
+    second = in_flight.claim("w1", [3])
+    assert (other.earlier, second.earlier) == ([], [first])
+    # A released claim lets go of the ones before it, or under steady load each new claim would
+    # keep every claim since the process was last idle alive.
+    in_flight.release(first)
+    in_flight.release(second)
+    assert second.earlier == [] and len(in_flight) == 1
+    in_flight.release(other)
+    assert len(in_flight) == 0
+
+
 async def test_a_batch_gives_way_when_an_earlier_one_waits_for_its_lock() -> None:
     in_flight = InFlight()
-    earlier = in_flight.claim([1])
+    earlier = in_flight.claim("w", [1])
     earlier.pid = 4242
-    later = in_flight.claim([2])
+    later = in_flight.claim("w", [2])
     asked: list[list[int]] = []
 
     async def blocked(pids: list[int]) -> bool:
@@ -92,7 +107,7 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
         async with pool.acquire() as earlier:
             # An earlier batch of this process: it claimed the shared user's key and holds its lock.
             key = record._lock_key(ws, USER, shared)
-            claim = in_flight.claim([key])
+            claim = in_flight.claim(ws, [key])
             tx = earlier.transaction()
             await tx.start()
             await earlier.execute("SELECT pg_advisory_xact_lock($1)", key)
@@ -264,7 +279,7 @@ async def test_groups_linked_by_stored_users_mean_what_the_whole_batch_means(
             for b in setup:
                 await writer.record(ws, b)
             if with_earlier_batch:  # one of the batch's ids is claimed for a moment
-                claim = writer.in_flight.claim([record._lock_key(ws, busy_kind, busy_id)])
+                claim = writer.in_flight.claim(ws, [record._lock_key(ws, busy_kind, busy_id)])
                 asyncio.get_running_loop().call_later(0.2, writer.in_flight.release, claim)
             outcomes = await writer.record(ws, batch)
             async with pool.acquire() as conn:
@@ -293,7 +308,7 @@ async def test_a_later_batch_gives_way_to_an_earlier_one_waiting_for_a_user_it_l
         async with pool.acquire() as earlier:
             # An earlier batch of this process: it holds the key of user id "v" and will want user "u".
             v_key = record._lock_key(ws, USER, "v")
-            claim = writer.in_flight.claim([v_key, record._lock_key(ws, USER, "u")])
+            claim = writer.in_flight.claim(ws, [v_key, record._lock_key(ws, USER, "u")])
             claim.pid = earlier.get_server_pid()
             tx = earlier.transaction()
             await tx.start()
@@ -339,7 +354,7 @@ async def test_ahead_of_an_earlier_batch_a_lock_wait_gives_up_and_the_batch_wait
         writer = record.BatchWriter(pool)
         await writer.record(ws, [identify({}, anonymous_id="a", user_id="u")])
         async with pool.acquire() as earlier:
-            claim = writer.in_flight.claim([record._lock_key(ws, USER, "u")])
+            claim = writer.in_flight.claim(ws, [record._lock_key(ws, USER, "u")])
             claim.pid = earlier.get_server_pid()
             tx = earlier.transaction()
             await tx.start()
@@ -362,3 +377,30 @@ async def test_ahead_of_an_earlier_batch_a_lock_wait_gives_up_and_the_batch_wait
     finally:
         await pool.close()
     assert not outcome.duplicate
+
+
+async def test_a_batch_run_wholly_ahead_commits_without_the_ahead_lock_timeout(
+    identity: Identity, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT can wait for a lock too (a notifying transaction's): the 50 ms timeout is for the
+    ahead part's own locks only."""
+    ws = tenant.workspace.id
+    seen: list[str] = []
+    run = record._record
+
+    async def checked(conn: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+        outcomes = await run(conn, *args, **kwargs)
+        seen.append(await conn.fetchval("SHOW lock_timeout"))
+        return outcomes
+
+    monkeypatch.setattr(record, "_record", checked)
+    pool = await create_pool(identity.db_url, max_size=2)
+    try:
+        writer = record.BatchWriter(pool)
+        earlier = writer.in_flight.claim(ws, [12345])  # another batch in flight: this one runs ahead
+        [outcome] = await writer.record(ws, [track("A", user_id=uid())])
+        writer.in_flight.release(earlier)
+    finally:
+        await pool.close()
+    assert not outcome.duplicate
+    assert seen == ["0"]
