@@ -518,6 +518,15 @@ async def _record(
 PROBE_AFTER_DUPLICATE = 30.0
 
 
+# Going ahead of earlier batches is worth it while it seldom has to give way. Per workspace, a
+# running share of the batches that went ahead and gave way; above the limit, batches wait for
+# the earlier ones from the start, and each one that does so lowers the share, so going ahead is
+# tried again after a while.
+GIVE_WAY_WEIGHT = 0.25
+GIVE_WAY_LIMIT = 0.3
+GIVE_WAY_DECAY = 0.97
+
+
 class BatchWriter:
     """Stores the batches of one identity process."""
 
@@ -525,6 +534,23 @@ class BatchWriter:
         self._pool = pool
         self.in_flight = InFlight()
         self._probe_until = 0.0
+        self._give_way: dict[str, float] = {}
+
+    def goes_ahead(self, workspace_id: str) -> bool:
+        """Whether a new batch of the workspace may go ahead of earlier ones (``GIVE_WAY_LIMIT``)."""
+        share = self._give_way.get(workspace_id, 0.0)
+        if share <= GIVE_WAY_LIMIT:
+            return True
+        self._give_way[workspace_id] = share * GIVE_WAY_DECAY
+        return False
+
+    def _note_ahead(self, workspace_id: str, gave_way: bool) -> None:
+        share = self._give_way.get(workspace_id, 0.0)
+        share += GIVE_WAY_WEIGHT * ((1.0 if gave_way else 0.0) - share)
+        if share < 0.01:
+            self._give_way.pop(workspace_id, None)
+        else:
+            self._give_way[workspace_id] = share
 
     async def record(self, workspace_id: str, events: Sequence[Event], attempts: int = 8) -> list[Outcome]:
         """Store one batch in one transaction; it commits whole or not at all. Retries lost races.
@@ -537,7 +563,8 @@ class BatchWriter:
         """
         batch = _prepare(workspace_id, events)
         probe = time.monotonic() < self._probe_until
-        split = True
+        split = self.goes_ahead(workspace_id)
+        went_ahead = False
         for attempt in range(attempts):
             # Claimed from before the transaction starts until it has ended, so a later batch
             # knows which of its events must wait for this one.
@@ -545,7 +572,11 @@ class BatchWriter:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     claim.pid = conn.get_server_pid()
-                    return await _record(conn, batch, claim, probe=probe, split=split)
+                    went_ahead = split and bool(claim.earlier)
+                    outcomes = await _record(conn, batch, claim, probe=probe, split=split)
+                if went_ahead and attempt == 0:
+                    self._note_ahead(workspace_id, gave_way=False)
+                return outcomes
             except (
                 RetryBatch,
                 EarlierBatchBlocked,
@@ -560,6 +591,8 @@ class BatchWriter:
                         "the batch kept losing races with concurrent batches; nothing was stored, retry"
                     ) from exc
                 if isinstance(exc, (PartsOverlap, EarlierBatchBlocked, asyncpg.LockNotAvailableError)):
+                    if split and went_ahead:
+                        self._note_ahead(workspace_id, gave_way=True)
                     split = False  # run again after the earlier batches of this process
                 if isinstance(exc, asyncpg.UniqueViolationError) and not probe:
                     probe = True

@@ -404,3 +404,19 @@ async def test_a_batch_run_wholly_ahead_commits_without_the_ahead_lock_timeout(
         await pool.close()
     assert not outcome.duplicate
     assert seen == ["0"]
+
+
+def test_batches_stop_going_ahead_while_they_keep_giving_way_and_try_again_later() -> None:
+    writer = record.BatchWriter(None)  # type: ignore[arg-type]  # no batch is stored here
+    assert writer.goes_ahead("w")
+    writer._note_ahead("w", gave_way=True)
+    assert writer.goes_ahead("w")  # once is no pattern
+    writer._note_ahead("w", gave_way=True)
+    waited = 0
+    while not writer.goes_ahead("w"):
+        waited += 1
+    assert 5 < waited < 50  # batches wait their turn for a while, then one goes ahead again
+    assert writer.goes_ahead("other")  # per workspace
+    for _ in range(30):
+        writer._note_ahead("w", gave_way=False)
+    assert writer._give_way == {}  # forgotten once it no longer happens
