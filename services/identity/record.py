@@ -435,8 +435,12 @@ EARLIER_BATCH_POLL = 0.02
 # The lock timeout of what a batch does ahead of earlier batches of this process.
 AHEAD_LOCK_TIMEOUT_MS = 50
 
-# Whether backend $1 holds a lock one of backends $2 waits for.
-_BLOCKS_ANY = "SELECT EXISTS (SELECT 1 FROM unnest($2::int[]) AS p WHERE $1 = ANY(pg_blocking_pids(p)))"
+# Whether backend $1 holds a lock one of backends $2 waits for. pg_blocking_pids takes the lock
+# manager's locks, so it is asked only of backends waiting for a lock at all.
+_BLOCKS_ANY = """
+    SELECT EXISTS (SELECT 1 FROM pg_stat_activity a
+                    WHERE a.pid = ANY($2::int[])
+                      AND CASE WHEN a.wait_event_type = 'Lock' THEN $1 = ANY(pg_blocking_pids(a.pid)) END)"""
 
 
 async def _record(
