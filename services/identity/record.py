@@ -588,8 +588,8 @@ class BatchWriter:
                 asyncpg.LockNotAvailableError,
                 asyncpg.UniqueViolationError,
             ) as exc:
-                # Rare: a stored message id, a concurrent join of users, or a race the locks do
-                # not cover; the batch rolled back.
+                # The batch rolled back: it met a stored message id, a concurrent join of users, a
+                # deadlock, or had to give way to an earlier batch of this process. It runs again.
                 if attempt == attempts - 1:
                     raise Aborted(
                         "the batch kept losing races with concurrent batches; nothing was stored, retry"

@@ -70,7 +70,6 @@ class Ingestor:
         forward_slots: list[int] = []
         first_seen: dict[str, int] = {}
         duplicates: list[tuple[int, int]] = []
-        rejected = 0
         for slot, maybe in enumerate(events):
             if maybe is None:
                 event = Event()
@@ -88,7 +87,6 @@ class Ingestor:
                 results[slot] = EventResult(
                     index=index, message_id=event.message_id, status=_REJECTED, violations=named
                 )
-                rejected += 1
                 continue
             message_id = event.message_id
             position = first_seen.get(message_id)
@@ -105,7 +103,7 @@ class Ingestor:
             committed = []
             for start in range(0, len(forward), MAX_FORWARD):
                 committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
-        if not rejected and not duplicates and len(committed) == len(forward):
+        if len(forward) == len(events) and len(committed) == len(forward):
             # Every event was forwarded, in order: identity's results are the answer as they are.
             for slot, result in enumerate(committed, base_index):
                 result.index = slot
