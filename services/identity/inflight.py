@@ -140,7 +140,8 @@ def group_events(event_keys: Sequence[Sequence[int]], message_ids: Sequence[str]
     firsts: list[Hashable] = []
     for keys, message_id in zip(event_keys, message_ids, strict=True):
         # A message id joins the events that repeat it, so a duplicate goes where the first is.
-        first = find(("message", message_id))
+        # (Message ids are strings and lock keys ints: the two never meet.)
+        first = find(message_id)
         for k in keys:
             other = find(k)
             if other != first:

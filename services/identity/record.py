@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,19 +43,48 @@ class PartsOverlap(RetryBatch):
     """The batch's later part reached a user or contact its first part had: run it again unsplit."""
 
 
+def _lock_keys(workspace_id: str) -> Callable[[str, str], int]:
+    """The workspace's signed 64-bit advisory lock key per (kind, id): a hash of the three, where
+    a collision only serializes more. The workspace's part is hashed once per batch."""
+    base = hashlib.blake2b(f"{workspace_id}\x00".encode(), digest_size=8)
+
+    def key(kind: str, value: str) -> int:
+        h = base.copy()
+        h.update(f"{kind}\x00{value}".encode())
+        return int.from_bytes(h.digest(), "big", signed=True)
+
+    return key
+
+
 def _lock_key(workspace_id: str, kind: str, value: str) -> int:
-    # A signed 64-bit advisory lock key per (workspace, kind, id); a collision only serializes more.
-    digest = hashlib.blake2b(f"{workspace_id}\x00{kind}\x00{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return _lock_keys(workspace_id)(kind, value)
 
 
-def _new_id() -> uuid.UUID:
-    """A random (version 4) id, as asyncpg's own UUID type: half the cost of ``uuid.uuid4()``,
-    and asyncpg writes it, and ``str()`` formats it, without going through Python code."""
-    b = bytearray(os.urandom(16))
-    b[6] = b[6] & 0x0F | 0x40
-    b[8] = b[8] & 0x3F | 0x80
-    return DbUUID(bytes(b))
+class _Ids:
+    """Random (version 4) ids as asyncpg's own UUID type, which asyncpg writes, and ``str()``
+    formats, without going through Python code. The random bytes are read 256 ids at a time:
+    one ``os.urandom`` call per id was most of an id's cost."""
+
+    _PER_READ = 256
+
+    def __init__(self) -> None:
+        self._ids: list[DbUUID] = []
+
+    def __call__(self) -> DbUUID:
+        if not self._ids:
+            self._ids = self._read()
+        return self._ids.pop()
+
+    def _read(self) -> list[DbUUID]:
+        raw = bytearray(os.urandom(16 * self._PER_READ))
+        for at in range(0, len(raw), 16):
+            raw[at + 6] = raw[at + 6] & 0x0F | 0x40
+            raw[at + 8] = raw[at + 8] & 0x3F | 0x80
+        data = bytes(raw)
+        return [DbUUID(data[at : at + 16]) for at in range(0, len(data), 16)]
+
+
+_new_id = _Ids()
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -331,8 +360,8 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
                 [(ws, c.id, c.phone, c.properties, c.property_times, c.phone_time_zone) for c in new_contacts],
             )
         )
-    # In event-time order, so stream sequence numbers follow it within a part of the batch (and
-    # so for each user and contact, which are never in both parts).
+    # In event-time order (the plan's), so stream sequence numbers follow it within a part of
+    # the batch (and so for each user and contact, which are never in both parts).
     out.events = [
         (
             ws,
@@ -345,7 +374,7 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
             _us_to_dt(e.time_us),
             payloads[e.index],
         )
-        for e in sorted(plan.events, key=lambda e: (e.time_us, e.index))
+        for e in plan.events
     ]
     return out
 
@@ -399,11 +428,12 @@ class _Part:
 def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
     prepared = prepare(events)
     key_of: dict[IdentityKey, int] = {}
+    lock_key = _lock_keys(workspace_id)
 
     def key(kind: str, value: str) -> int:
         k = key_of.get((kind, value))
         if k is None:
-            k = key_of[(kind, value)] = _lock_key(workspace_id, kind, value)
+            k = key_of[(kind, value)] = lock_key(kind, value)
         return k
 
     event_keys = [

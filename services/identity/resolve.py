@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct, Value
 from parley.common.v1.event_pb2 import Event, EventType
 
 from services.identity.phones import phone_time_zone
@@ -73,8 +74,10 @@ def merge_stamped(
 
 _MISSING = object()
 
+_TIME = attrgetter("time_us")
 
-@dataclass
+
+@dataclass(slots=True)
 class UserState:
     """A user as loaded (locked) from the database, or created by this batch."""
 
@@ -90,7 +93,7 @@ class UserState:
     dirty: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class ContactState:
     """A contact as loaded (locked) from the database, or created by this batch."""
 
@@ -114,7 +117,7 @@ class StoredState:
     existing: dict[str, uuid.UUID | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class NewEvent:
     """An event this batch stores."""
 
@@ -127,7 +130,7 @@ class NewEvent:
     contact_id: uuid.UUID | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """The per-request-event result: stored now (ACCEPTED) or before (DUPLICATE)."""
 
@@ -142,6 +145,7 @@ class Plan:
     """Everything one batch writes, computed before any write."""
 
     outcomes: list[Outcome]
+    # In event-time order, request order on ties.
     events: list[NewEvent]
     new_identities: list[tuple[str, str, uuid.UUID]]
     users: list[UserState]
@@ -198,16 +202,32 @@ def identities_of(e: Event) -> list[IdentityKey]:
 def prepare(events: Sequence[Event]) -> Prepared:
     """Everything about ``events`` that does not depend on stored state."""
     times = [event_time_us(e) for e in events]
-    traits = [struct_to_dict(e, "traits") if e.type == _IDENTIFY else None for e in events]
+    traits = [(struct_dict(e.traits) if e.HasField("traits") else {}) if e.type == _IDENTIFY else None for e in events]
     event_ids = [identities_of(e) for e in events]
     ids = {k for keys in event_ids for k in keys}
     return Prepared(events, times, traits, event_ids, ids, {e.phone for e in events if e.phone})
 
 
-def struct_to_dict(event: Event, name: str) -> dict[str, Any]:
-    if not event.HasField(name):  # type: ignore[arg-type]
-        return {}
-    return json_format.MessageToDict(getattr(event, name))
+def struct_dict(struct: Struct) -> dict[str, Any]:
+    """``struct`` as plain Python values, as ``json_format.MessageToDict`` gives them (numbers as
+    floats) at a fraction of its cost: every identify's traits go through here. NaN and infinite
+    numbers, which that refuses, never get here (``servicer._check_batch``)."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def _plain(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    return None  # null_value, or no kind set (read as null, as MessageToDict does)
 
 
 class _Resolver:
@@ -281,14 +301,17 @@ class _Resolver:
             self.waiting_new.setdefault(into_key, []).extend(self.waiting_new.pop(gone_key, []))
 
     def user_for(self, e: Event) -> UserState | None:
-        ku = self.lookup(USER, e.user_id) if e.user_id else None
-        ka = self.lookup(ANONYMOUS, e.anonymous_id) if e.anonymous_id else None
+        # Each field read once: a protobuf attribute read costs about as much as the check made with it.
+        user_id, anonymous_id = e.user_id, e.anonymous_id
+        previous_id = e.previous_id if e.type == _ALIAS else ""
+        ku = self.lookup(USER, user_id) if user_id else None
+        ka = self.lookup(ANONYMOUS, anonymous_id) if anonymous_id else None
         key = ku
         anonymous_taken = False
         if ka is not None and ka != key:
             if key is None:
                 # A known anonymous id of another identified user is not taken over by a new user id.
-                if e.user_id and self.s.users[ka].identified:
+                if user_id and self.s.users[ka].identified:
                     anonymous_taken = True
                 else:
                     key = ka
@@ -296,27 +319,27 @@ class _Resolver:
                 self.merge(ka, key)
             else:
                 anonymous_taken = True
-        if e.type == _ALIAS and e.previous_id:
-            kp = self.lookup(USER, e.previous_id) or self.lookup(ANONYMOUS, e.previous_id)
+        if previous_id:
+            kp = self.lookup(USER, previous_id) or self.lookup(ANONYMOUS, previous_id)
             if kp is not None and key is not None and kp != key:
                 self.merge(kp, key)  # an alias joins whatever the previous id belonged to
             elif key is None:
                 key = kp
         if key is None:
-            if not (e.user_id or e.anonymous_id or (e.type == _ALIAS and e.previous_id)):
+            if not (user_id or anonymous_id or previous_id):
                 return None
             user = self.new_user()
             key = user.key
-        user = self.s.users[key]
-        if e.user_id:
-            self.register(USER, e.user_id, key)
+        else:
+            user = self.s.users[key]
+        if user_id:
+            self.register(USER, user_id, key)
             if not user.identified:
                 user.identified = user.dirty = True
-        if e.anonymous_id and not anonymous_taken:
-            self.register(ANONYMOUS, e.anonymous_id, key)
-        if e.type == _ALIAS and e.previous_id:
-            if (USER, e.previous_id) not in self.s.identities:
-                self.register(ANONYMOUS, e.previous_id, key)
+        if anonymous_id and not anonymous_taken:
+            self.register(ANONYMOUS, anonymous_id, key)
+        if previous_id and (USER, previous_id) not in self.s.identities:
+            self.register(ANONYMOUS, previous_id, key)
         return user
 
     def contact_for_phone(self, phone: str, zone: str) -> ContactState:
@@ -334,8 +357,9 @@ class _Resolver:
         user = self.user_for(e)
         ev.user_key = user.key if user else None
         contact: ContactState | None = None
-        if e.phone:
-            contact = self.contact_for_phone(e.phone, e.phone_time_zone)
+        phone = e.phone
+        if phone:
+            contact = self.contact_for_phone(phone, e.phone_time_zone)
             if user is not None:
                 self.contact_users.add((contact.id, user.key))
                 if user.contact_id is None:
@@ -352,7 +376,7 @@ class _Resolver:
                 elif at > (user.phone_time or 0):
                     user.phone_time = at
                     user.dirty = True
-            contact.dirty |= merge_properties(contact.properties, contact.property_times, {PHONE_KEY: e.phone}, at)
+            contact.dirty |= merge_properties(contact.properties, contact.property_times, {PHONE_KEY: phone}, at)
         elif user is not None and user.contact_id is not None:
             contact = self.s.contacts[user.contact_id]
         ev.contact_id = contact.id if contact else None
@@ -363,9 +387,9 @@ class _Resolver:
             if user is not None:
                 user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
             if contact is not None:
-                if e.phone and PHONE_KEY in traits:
+                if phone and PHONE_KEY in traits:
                     # A copy: the prepared traits are read again if the batch is retried.
-                    traits = {**traits, PHONE_KEY: e.phone}
+                    traits = {**traits, PHONE_KEY: phone}
                 contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
 
     def carry_traits(self, user: UserState, contact: ContactState) -> None:
@@ -383,36 +407,38 @@ def resolve(
     batch = events if isinstance(events, Prepared) else prepare(events)
     events, times, traits = batch.events, batch.times, batch.traits
     r = _Resolver(state, new_id)
-    outcomes: list[Outcome | None] = [None] * len(events)
+    existing = state.existing
+    outcomes: list[Outcome] = []
     first: dict[str, NewEvent] = {}
     fresh: list[NewEvent] = []
     for i, e in enumerate(events):
-        if e.message_id in state.existing:
-            outcomes[i] = Outcome(duplicate=True, contact_id=state.existing[e.message_id])
-        elif e.message_id in first:
-            outcomes[i] = Outcome(duplicate=True, contact_id=None, new=first[e.message_id])
+        message_id = e.message_id
+        if message_id in existing:
+            outcomes.append(Outcome(duplicate=True, contact_id=existing[message_id]))
+        elif message_id in first:
+            outcomes.append(Outcome(duplicate=True, contact_id=None, new=first[message_id]))
         else:
             ev = NewEvent(index=i, event=e, time_us=times[i], traits=traits[i])
-            first[e.message_id] = ev
+            first[message_id] = ev
             fresh.append(ev)
-            outcomes[i] = Outcome(duplicate=False, contact_id=None, new=ev)
-    for ev in sorted(fresh, key=lambda x: (x.time_us, x.index)):
+            outcomes.append(Outcome(duplicate=False, contact_id=None, new=ev))
+    # Stable: request order on equal times.
+    fresh.sort(key=_TIME)
+    for ev in fresh:
         r.apply(ev)
     # Merged-away keys resolve to the surviving user for everything written below.
-    for ev in fresh:
-        if ev.user_key is not None:
-            ev.user_key = r.find(ev.user_key)
-    done: list[Outcome] = []
+    if r.parent:
+        for ev in fresh:
+            if ev.user_key is not None:
+                ev.user_key = r.find(ev.user_key)
     for o in outcomes:
-        assert o is not None
         if o.new is not None:
             o.contact_id = o.new.contact_id
-        done.append(o)
     merges = [(k, r.find(k)) for k in r.merged if state.users[k].stored]
     for k in r.merged:
         state.users[k].merged_into = r.find(k)
     return Plan(
-        outcomes=done,
+        outcomes=outcomes,
         events=fresh,
         new_identities=[(kind, ext, r.find(key)) for kind, ext, key in r.new_identities],
         users=[u for u in state.users.values() if u.dirty and (u.stored or u.merged_into is None)],

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import random
 import uuid
+from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 from parley.common.v1.event_pb2 import EventType
 
 from services.identity.resolve import (
@@ -15,6 +20,7 @@ from services.identity.resolve import (
     merge_properties,
     prepare,
     resolve,
+    struct_dict,
 )
 from tests.identity.conftest import event, identify, track
 
@@ -80,3 +86,28 @@ def test_a_retried_batch_resolves_its_prepared_events_the_same_way() -> None:
         assert user.traits == {"phone": "(415) 555-2671", "plan": "a"}
         assert contact.properties == {"phone": "+14155552671", "plan": "a"}
     assert batch.traits == [{"phone": "(415) 555-2671", "plan": "a"}]
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    roll = rng.random()
+    if depth < 6 and roll < 0.15:
+        return {f"k{rng.randrange(50)}": _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    if depth < 6 and roll < 0.25:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if roll < 0.5:
+        return rng.choice(["", "gold", "é ü", "+14155552671"])
+    if roll < 0.8:
+        return rng.choice([0.0, -3.0, 1e30, 2.5, float(rng.randrange(10**6))])
+    return rng.choice([True, False, None])
+
+
+def test_traits_are_read_as_message_to_dict_reads_them() -> None:
+    rng = random.Random(3)
+    for _ in range(500):
+        traits = Struct()
+        traits.update({f"t{i}": _random_value(rng, 1) for i in range(rng.randrange(6))})
+        # As JSON text: equal dicts can still differ in what is stored (3 and 3.0 are equal).
+        assert json.dumps(struct_dict(traits)) == json.dumps(json_format.MessageToDict(traits))
+    unset = Struct()
+    unset.fields["empty"].Clear()  # a Value with no kind set reads as null
+    assert struct_dict(unset) == json_format.MessageToDict(unset) == {"empty": None}
