@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -547,6 +549,10 @@ async def _record(
     return outcomes  # type: ignore[return-value]
 
 
+# The first pause before a batch that found PostgreSQL's lock table full runs again; it doubles
+# with each attempt (up to a second), so eight attempts wait about 3.5 s in all.
+OUT_OF_LOCKS_PAUSE = 0.05
+
 # After a batch met a message id stored before, how long this process keeps reading the stored
 # ids of every batch first: retries come in runs (a client resending after a timeout).
 PROBE_AFTER_DUPLICATE = 30.0
@@ -599,7 +605,11 @@ class BatchWriter:
         probe = time.monotonic() < self._probe_until
         split = self.goes_ahead(workspace_id)
         went_ahead = False
+        pause = 0.0
         for attempt in range(attempts):
+            if pause:
+                await asyncio.sleep(pause)
+                pause = 0.0
             # Claimed from before the transaction starts until it has ended, so a later batch
             # knows which of its events must wait for this one.
             claim = self.in_flight.claim(workspace_id, batch.lock_keys)
@@ -617,13 +627,22 @@ class BatchWriter:
                 asyncpg.DeadlockDetectedError,
                 asyncpg.LockNotAvailableError,
                 asyncpg.UniqueViolationError,
+                asyncpg.OutOfMemoryError,
             ) as exc:
                 # The batch rolled back: it met a stored message id, a concurrent join of users, a
-                # deadlock, or had to give way to an earlier batch of this process. It runs again.
+                # deadlock, had to give way to an earlier batch of this process, or found
+                # PostgreSQL's lock table full. It runs again.
                 if attempt == attempts - 1:
                     raise Aborted(
                         "the batch kept losing races with concurrent batches; nothing was stored, retry"
                     ) from exc
+                if isinstance(exc, asyncpg.OutOfMemoryError):
+                    # "out of shared memory": the advisory locks of the batches in flight (one
+                    # per id and phone) fill the lock table. They are released as those commit;
+                    # this batch waits a little, then tries again.
+                    pause = min(OUT_OF_LOCKS_PAUSE * 2**attempt, 1.0) * random.uniform(0.5, 1.5)
+                    log.warning("record_lock_table_full", attempt=attempt + 1, pause_s=round(pause, 3), hint=str(exc))
+                    continue
                 if isinstance(exc, (PartsOverlap, EarlierBatchBlocked, asyncpg.LockNotAvailableError)):
                     if split and went_ahead:
                         self._note_ahead(workspace_id, gave_way=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import asyncpg
 
 from services.common.db import create_pool
 from services.identity import record
@@ -32,4 +35,54 @@ async def test_a_batch_repeating_stored_message_ids_reports_them_and_stores_the_
             )
         assert count == 3
     finally:
+        await pool.close()
+
+
+async def _fill_lock_table(conn: asyncpg.Connection) -> int:
+    """Take advisory locks in ``conn``'s open transaction until PostgreSQL's lock table is full."""
+    held, first = 0, 10**15
+    while True:
+        await conn.execute("SAVEPOINT fill")
+        try:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM generate_series($1::int8, $2::int8) AS k", first, first + 49
+            )
+        except asyncpg.OutOfMemoryError:
+            await conn.execute("ROLLBACK TO SAVEPOINT fill")
+            return held
+        await conn.execute("RELEASE SAVEPOINT fill")
+        held, first = held + 50, first + 50
+
+
+async def test_a_batch_that_finds_the_lock_table_full_waits_and_runs_again(identity: Identity, tenant: Tenant) -> None:
+    # Write connections in flight each hold a lock per id and phone of their batch; with enough
+    # of them, PostgreSQL's shared lock table fills ("out of shared memory"). Here one
+    # transaction fills it, and lets go while the batch waits.
+    ws = tenant.workspace.id
+    events = [track("A", user_id=uid()) for _ in range(300)]
+    pool = await create_pool(identity.db_url, max_size=2)
+    hog = await asyncpg.connect(identity.db_url)
+    try:
+        writer = record.BatchWriter(pool)
+        hog_tx = hog.transaction()
+        await hog_tx.start()
+        assert await _fill_lock_table(hog) > 0
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.3)
+            await hog_tx.rollback()
+
+        started = time.monotonic()
+        outcomes, _ = await asyncio.gather(writer.record(ws, events), release_soon())
+        assert time.monotonic() - started >= 0.3
+        assert [o.duplicate for o in outcomes] == [False] * len(events)
+        async with pool.acquire() as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM identity.events WHERE workspace_id = $1::uuid AND message_id = ANY($2::text[])",
+                ws,
+                [e.message_id for e in events],
+            )
+        assert count == len(events)
+    finally:
+        await hog.close()
         await pool.close()
