@@ -72,6 +72,9 @@ class _Ids:
     def __init__(self) -> None:
         self._ids: list[DbUUID] = []
 
+    def forget(self) -> None:
+        self._ids = []
+
     def __call__(self) -> DbUUID:
         if not self._ids:
             self._ids = self._read()
@@ -87,6 +90,8 @@ class _Ids:
 
 
 _new_id = _Ids()
+# A forked child must not hand out the ids its parent read ahead.
+os.register_at_fork(after_in_child=_new_id.forget)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -606,6 +611,7 @@ class BatchWriter:
         split = self.goes_ahead(workspace_id)
         went_ahead = False
         pause = 0.0
+        tables_full = 0
         for attempt in range(attempts):
             if pause:
                 await asyncio.sleep(pause)
@@ -634,14 +640,21 @@ class BatchWriter:
                 # PostgreSQL's lock table full. It runs again.
                 if attempt == attempts - 1:
                     raise Aborted(
-                        "the batch kept losing races with concurrent batches; nothing was stored, retry"
+                        f"the batch could not be stored in {attempts} attempts (concurrent batches, or PostgreSQL's "
+                        "lock table full); nothing was stored, retry"
                     ) from exc
                 if isinstance(exc, asyncpg.OutOfMemoryError):
                     # "out of shared memory": the advisory locks of the batches in flight (one
                     # per id and phone) fill the lock table. They are released as those commit;
                     # this batch waits a little, then tries again.
-                    pause = min(OUT_OF_LOCKS_PAUSE * 2**attempt, 1.0) * random.uniform(0.5, 1.5)
-                    log.warning("record_lock_table_full", attempt=attempt + 1, pause_s=round(pause, 3), hint=str(exc))
+                    pause = min(OUT_OF_LOCKS_PAUSE * 2**tables_full, 1.0) * random.uniform(0.5, 1.5)
+                    tables_full += 1
+                    log.warning(
+                        "record_lock_table_full",
+                        attempt=attempt + 1,
+                        pause_s=round(pause, 3),
+                        error=str(exc).splitlines()[0],
+                    )
                     continue
                 if isinstance(exc, (PartsOverlap, EarlierBatchBlocked, asyncpg.LockNotAvailableError)):
                     if split and went_ahead:
