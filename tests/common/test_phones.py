@@ -1,0 +1,60 @@
+"""Reading a phone's E.164 form and zone in one pass gives what the library's plain calls give."""
+
+from __future__ import annotations
+
+import random
+
+import phonenumbers
+import pytest
+from phonenumbers import timezone as phone_timezone
+
+from services.common.phones import e164_and_zone
+
+
+def _plain(raw: str, region: str) -> tuple[str, str] | None:
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    zones = [z for z in phone_timezone.time_zones_for_number(number) if z != phone_timezone.UNKNOWN_TIMEZONE]
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), zones[0] if zones else ""
+
+
+_FIXED = [
+    "(415) 555-2671",
+    "+1 415-555-2671",
+    "4155552671",
+    "tel:+1-415-555-2671",
+    "(268) 464-1234",  # Antigua, inside the North American plan
+    "+1 800 555 0199",  # toll free: not geographical
+    "+1 900 555 0199",
+    "+1 684 622 1234",
+    "+44 20 7946 0958",
+    "+44 7911 123456",  # a UK mobile: its zone comes from the country
+    "+33 1 42 68 53 00",
+    "+49 30 123456",
+    "+81 3-1234-5678",
+    "+61 2 9876 5432",
+    "+800 1234 5678",  # non-geographic entities
+    "+882 1234 5678",
+    "+870 773 111 632",
+    "+979 123456789",
+    "911",
+    "12",
+    "+1 555 555 5555",
+    "not a phone",
+    "",
+]
+
+
+@pytest.mark.parametrize("region", ["US", "GB", "DE", "IN"])
+def test_e164_and_zone_agrees_with_the_plain_calls(region: str) -> None:
+    rng = random.Random(region)
+    samples = list(_FIXED)
+    codes = [1, 7, 33, 44, 49, 55, 61, 81, 86, 91, 234, 254, 800, 808, 870, 878, 881, 882, 883, 888, 979]
+    samples += [f"+{rng.choice(codes)} {rng.randrange(10**5, 10**11)}" for _ in range(1500)]
+    samples += [str(rng.randrange(10**6, 10**11)) for _ in range(500)]  # national forms, read in the region
+    for raw in samples:
+        assert e164_and_zone.__wrapped__(raw, region) == _plain(raw, region), raw
