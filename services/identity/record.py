@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 from asyncpg.pgproto.pgproto import UUID as DbUUID
 from parley.common.v1.event_pb2 import Event
@@ -102,6 +103,17 @@ def _us_to_dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us) if us else datetime.now(UTC)
 
 
+def _json_list(values: Sequence[str] | Sequence[int]) -> str:
+    """A list parameter as JSON text, read in SQL with ``json_array_elements_text($n::text::json)``.
+
+    For lists of strings and numbers this is cheaper at both ends than an array parameter:
+    asyncpg checks each array element through Python-level ``isinstance`` calls against
+    ``collections.abc`` classes (measured: ~1 µs per id of kind and value on the client, against
+    ~0.15 µs here), and PostgreSQL reads a json array faster than it decodes a text array.
+    """
+    return orjson.dumps(values).decode()
+
+
 # Every batch lookup probes an index once per key: a LATERAL subquery with a LIMIT, which the
 # planner cannot flatten into a join. Without it, statistics that lag a growing table make
 # it pick a hash join or bitmap scan over all the workspace's rows (measured: 16 ms against
@@ -118,7 +130,8 @@ _EXISTING_EVENTS = """
 _USERS_BY_IDS = """
     WITH ids AS MATERIALIZED (
         SELECT q.kind, q.external_id, i.user_key
-          FROM unnest($2::text[], $3::text[]) AS q(kind, external_id)
+          FROM ROWS FROM (json_array_elements_text($2::text::json), json_array_elements_text($3::text::json))
+               AS q(kind, external_id)
           JOIN LATERAL (SELECT user_key FROM identity.identities i
                          WHERE i.workspace_id = $1 AND i.kind = q.kind AND i.external_id = q.external_id
                          LIMIT 1) i ON true),
@@ -136,7 +149,7 @@ _USERS_BY_IDS = """
 _CONTACTS = """
     WITH ids AS MATERIALIZED (
         SELECT c.id
-          FROM unnest($2::text[]) AS p(phone)
+          FROM json_array_elements_text($2::text::json) AS p(phone)
           JOIN LATERAL (SELECT id FROM identity.contacts c
                          WHERE c.workspace_id = $1 AND c.phone = p.phone LIMIT 1) c ON true
         UNION
@@ -179,7 +192,7 @@ async def _locked_state(
 ) -> StoredState:
     """What the batch touches — ids, users, contacts — with users and contacts locked."""
     id_list = sorted(ids)
-    rows = await conn.fetch(_USERS_BY_IDS, ws, [k for k, _ in id_list], [v for _, v in id_list])
+    rows = await conn.fetch(_USERS_BY_IDS, ws, _json_list([k for k, _ in id_list]), _json_list([v for _, v in id_list]))
     identities: dict[IdentityKey, uuid.UUID] = {}
     users: dict[uuid.UUID, UserState] = {}
     for r in rows:
@@ -201,7 +214,9 @@ async def _locked_state(
     # The batch's phones are advisory-locked, so their contact ids cannot change under it;
     # the contact rows are then locked in id order.
     contact_ids = {u.contact_id for u in users.values() if u.contact_id is not None}
-    rows = await conn.fetch(_CONTACTS, ws, sorted(phones), list(contact_ids)) if phones or contact_ids else []
+    rows = (
+        await conn.fetch(_CONTACTS, ws, _json_list(sorted(phones)), list(contact_ids)) if phones or contact_ids else []
+    )
     contacts = {
         r["id"]: ContactState(
             id=r["id"],
@@ -531,7 +546,11 @@ async def _record(
             # after them.
             await conn.execute(f"SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT_MS}ms'")
         part = batch.part(indexes)
-        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k", part.lock_keys)
+        # In the list's (sorted) order: a function scan returns the elements as they come.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(k::int8) FROM json_array_elements_text($1::text::json) AS k",
+            _json_list(part.lock_keys),
+        )
         state = await _locked_state(conn, ws, part.prepared.ids, part.prepared.phones)
         # The groups share no id, phone or message id of the batch, but stored users and contacts
         # can still link them (one user's anonymous and user ids in two groups, users sharing
