@@ -695,13 +695,20 @@ def report(
     print("\n".join(lines))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=120, help="IngestBatch calls of 500 events")
     parser.add_argument("--in-flight", type=int, default=4, help="IngestBatch calls in flight")
     parser.add_argument("--singles", type=int, default=10_000, help="Track calls")
     parser.add_argument("--http-batches", type=int, default=400, help="HTTP batches of 100 events")
-    parser.add_argument("--copy-runs", type=int, default=3, help="COPYs for the ceiling (the median counts)")
+    parser.add_argument("--copy-runs", type=_at_least_one, default=3, help="COPYs for the ceiling (the median counts)")
     parser.add_argument("--profile-batches", type=int, default=20, help="batches under cProfile (0: skip)")
     parser.add_argument("--profile-singles", type=int, default=2_000, help="Track calls under cProfile")
     configure_logging("warning", "json")  # stdout carries only the markdown

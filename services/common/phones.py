@@ -36,8 +36,11 @@ def to_e164(raw: str, region: str) -> str | None:
 def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     """``to_e164`` and ``time_zone_of`` from one parse: (E.164, first known zone or ''), None when no valid number.
 
-    The number's type is looked up once: ``is_valid_number`` is that type not being UNKNOWN, and
-    ``time_zones_for_number`` would look it up again (a fifth of the cost of a new number).
+    The number's type is looked up once for a geographical number (most of the North American
+    plan): ``is_valid_number`` is that type not being UNKNOWN, and ``time_zones_for_number``
+    would look it up again (a fifth of the cost of a new number). Other types (toll free, and
+    mobiles in many countries) take the country's zones through ``time_zones_for_number``, which
+    does look it up again: the library's only public way to them.
     """
     try:
         number = phonenumbers.parse(raw, region or "US")

@@ -49,6 +49,43 @@ _FIXED = [
 ]
 
 
+def _library_examples() -> list[tuple[str, str]]:
+    """(number, region to read it in): every region's example number of every type, in national
+    and international form, and with its last digit changed (valid or not, often another type)."""
+    out: list[tuple[str, str]] = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in range(12):  # every PhoneNumberType but UNKNOWN
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+            e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+            out += [(national, region), (e164, "US")]
+            out += [(e164[:-1] + digit, "US") for digit in "29"]
+    for code in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS:
+        example = phonenumbers.example_number_for_non_geo_entity(code)
+        if example is not None:
+            out.append((phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164), "US"))
+    return out
+
+
+def test_e164_and_zone_agrees_with_the_plain_calls_on_every_kind_of_number() -> None:
+    examples = _library_examples()
+    assert len(examples) > 5_000
+    geographical = other = 0
+    for raw, region in examples:
+        found = e164_and_zone.__wrapped__(raw, region)
+        assert found == _plain(raw, region), (raw, region)
+        if found is not None:
+            number = phonenumbers.parse(raw, region)
+            kind = phonenumbers.number_type(number)
+            if phonenumbers.is_number_type_geographical(kind, number.country_code):
+                geographical += 1
+            else:
+                other += 1
+    assert geographical > 1_000 and other > 1_000  # both ways to a zone are exercised
+
+
 @pytest.mark.parametrize("region", ["US", "GB", "DE", "IN"])
 def test_e164_and_zone_agrees_with_the_plain_calls(region: str) -> None:
     rng = random.Random(region)
