@@ -59,10 +59,6 @@ def _lock_keys(workspace_id: str) -> Callable[[str, str], int]:
     return key
 
 
-def _lock_key(workspace_id: str, kind: str, value: str) -> int:
-    return _lock_keys(workspace_id)(kind, value)
-
-
 class _Ids:
     """Random (version 4) ids as asyncpg's own UUID type, which asyncpg writes, and ``str()``
     formats, without going through Python code. The random bytes are read 256 ids at a time:
@@ -663,6 +659,8 @@ class BatchWriter:
                         "lock table full); nothing was stored, retry"
                     ) from exc
                 if isinstance(exc, asyncpg.OutOfMemoryError):
+                    if "shared memory" not in str(exc):
+                        raise  # the server is out of memory itself: not a wait-and-retry matter
                     # "out of shared memory": the advisory locks of the batches in flight (one
                     # per id and phone) fill the lock table. They are released as those commit;
                     # this batch waits a little, then tries again.

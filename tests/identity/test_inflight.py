@@ -98,7 +98,7 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
     shared, alone = uid(), uid()
     # Locks are taken in key order: with the unshared user's key after the shared one's, a batch
     # that took all its locks at once would wait before it could take the unshared one.
-    while record._lock_key(ws, USER, alone) < record._lock_key(ws, USER, shared):
+    while record._lock_keys(ws)(USER, alone) < record._lock_keys(ws)(USER, shared):
         alone = uid()
     pool = await create_pool(identity.db_url, max_size=4)
     writer = record.BatchWriter(pool)
@@ -106,7 +106,7 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
     try:
         async with pool.acquire() as earlier:
             # An earlier batch of this process: it claimed the shared user's key and holds its lock.
-            key = record._lock_key(ws, USER, shared)
+            key = record._lock_keys(ws)(USER, shared)
             claim = in_flight.claim(ws, [key])
             tx = earlier.transaction()
             await tx.start()
@@ -114,7 +114,7 @@ async def test_the_unshared_events_of_a_batch_are_written_while_an_earlier_batch
             batch = [track("Clicked", user_id=shared), identify({"plan": "gold"}, user_id=alone)]
             later = asyncio.create_task(writer.record(ws, batch))
             # The later batch locks and writes the unshared user's event, then waits for the earlier one.
-            alone_key = record._lock_key(ws, USER, alone)
+            alone_key = record._lock_keys(ws)(USER, alone)
             async with pool.acquire() as watcher:
                 for _ in range(200):
                     if await _holds_advisory_lock(watcher, alone_key):
@@ -279,7 +279,7 @@ async def test_groups_linked_by_stored_users_mean_what_the_whole_batch_means(
             for b in setup:
                 await writer.record(ws, b)
             if with_earlier_batch:  # one of the batch's ids is claimed for a moment
-                claim = writer.in_flight.claim(ws, [record._lock_key(ws, busy_kind, busy_id)])
+                claim = writer.in_flight.claim(ws, [record._lock_keys(ws)(busy_kind, busy_id)])
                 asyncio.get_running_loop().call_later(0.2, writer.in_flight.release, claim)
             outcomes = await writer.record(ws, batch)
             async with pool.acquire() as conn:
@@ -307,8 +307,8 @@ async def test_a_later_batch_gives_way_to_an_earlier_one_waiting_for_a_user_it_l
             )
         async with pool.acquire() as earlier:
             # An earlier batch of this process: it holds the key of user id "v" and will want user "u".
-            v_key = record._lock_key(ws, USER, "v")
-            claim = writer.in_flight.claim(ws, [v_key, record._lock_key(ws, USER, "u")])
+            v_key = record._lock_keys(ws)(USER, "v")
+            claim = writer.in_flight.claim(ws, [v_key, record._lock_keys(ws)(USER, "u")])
             claim.pid = earlier.get_server_pid()
             tx = earlier.transaction()
             await tx.start()
@@ -354,7 +354,7 @@ async def test_ahead_of_an_earlier_batch_a_lock_wait_gives_up_and_the_batch_wait
         writer = record.BatchWriter(pool)
         await writer.record(ws, [identify({}, anonymous_id="a", user_id="u")])
         async with pool.acquire() as earlier:
-            claim = writer.in_flight.claim(ws, [record._lock_key(ws, USER, "u")])
+            claim = writer.in_flight.claim(ws, [record._lock_keys(ws)(USER, "u")])
             claim.pid = earlier.get_server_pid()
             tx = earlier.transaction()
             await tx.start()

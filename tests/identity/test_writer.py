@@ -47,7 +47,9 @@ async def test_a_batch_repeating_stored_message_ids_reports_them_and_stores_the_
 @pytest.fixture
 def small_lock_table(tmp_path: Path) -> Iterator[str]:
     """A server of its own, whose lock table holds ~10 locks per connection slot: filling it here
-    leaves every other server (and test run) alone, and takes a few thousand locks, not ~12,000."""
+    leaves every other server (and test run) alone, and takes a few thousand locks, not ~12,000.
+    Embedded (pgserver) even when ``PARLEY_DATABASE_URL`` names a server: the setting it needs is
+    server-wide and read at start."""
     server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
     server.psql("ALTER SYSTEM SET max_locks_per_transaction = 10;")
     server.cleanup()  # max_locks_per_transaction is read at start
