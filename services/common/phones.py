@@ -14,12 +14,16 @@ from phonenumbers import timezone as phone_timezone
 from services.common.errors import InvalidArgument
 
 
-def _valid_number(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
+def _parsed(raw: str, region: str | None) -> phonenumbers.PhoneNumber | None:
     try:
-        number = phonenumbers.parse(raw, region or "US")
+        return phonenumbers.parse(raw, region)
     except phonenumbers.NumberParseException:
         return None
-    return number if phonenumbers.is_valid_number(number) else None
+
+
+def _valid_number(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
+    number = _parsed(raw, region or "US")
+    return number if number is not None and phonenumbers.is_valid_number(number) else None
 
 
 @functools.lru_cache(maxsize=200_000)
@@ -42,9 +46,8 @@ def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     mobiles in many countries) take the country's zones through ``time_zones_for_number``, which
     does look it up again: the library's only public way to them.
     """
-    try:
-        number = phonenumbers.parse(raw, region or "US")
-    except phonenumbers.NumberParseException:
+    number = _parsed(raw, region or "US")
+    if number is None:
         return None
     kind = phonenumbers.number_type(number)
     if kind == PhoneNumberType.UNKNOWN:
@@ -54,10 +57,6 @@ def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     else:
         zones = phone_timezone.time_zones_for_number(number)  # the country's zones
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), _known_zone(zones, "")
-
-
-def _first_zone(number: phonenumbers.PhoneNumber, default: str) -> str:
-    return _known_zone(phone_timezone.time_zones_for_number(number), default)
 
 
 def _known_zone(zones: Sequence[str], default: str) -> str:
@@ -80,11 +79,10 @@ def require_e164(raw: str, region: str, field: str = "phone") -> str:
 @functools.lru_cache(maxsize=65_536)
 def time_zone_of(e164: str, default: str = "") -> str:
     """The first IANA zone phonenumbers knows for the number, else ``default``."""
-    try:
-        number = phonenumbers.parse(e164, None)
-    except phonenumbers.NumberParseException:
+    number = _parsed(e164, None)
+    if number is None:
         return default
-    return _first_zone(number, default)
+    return _known_zone(phone_timezone.time_zones_for_number(number), default)
 
 
 @functools.lru_cache(maxsize=1)

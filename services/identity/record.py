@@ -653,14 +653,14 @@ class BatchWriter:
                 # The batch rolled back: it met a stored message id, a concurrent join of users, a
                 # deadlock, had to give way to an earlier batch of this process, or found
                 # PostgreSQL's lock table full. It runs again.
+                if isinstance(exc, asyncpg.OutOfMemoryError) and "shared memory" not in str(exc):
+                    raise  # the server is out of memory itself: not a wait-and-retry matter
                 if attempt == attempts - 1:
                     raise Aborted(
                         f"the batch could not be stored in {attempts} attempts (concurrent batches, or PostgreSQL's "
                         "lock table full); nothing was stored, retry"
                     ) from exc
                 if isinstance(exc, asyncpg.OutOfMemoryError):
-                    if "shared memory" not in str(exc):
-                        raise  # the server is out of memory itself: not a wait-and-retry matter
                     # "out of shared memory": the advisory locks of the batches in flight (one
                     # per id and phone) fill the lock table. They are released as those commit;
                     # this batch waits a little, then tries again.
