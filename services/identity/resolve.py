@@ -299,6 +299,9 @@ class _Resolver:
                 into.contact_id, into.phone, into.phone_time = gone.contact_id, gone.phone, gone.phone_time
             self.waiting_stored.setdefault(into_key, []).extend(self.waiting_stored.pop(gone_key, []))
             self.waiting_new.setdefault(into_key, []).extend(self.waiting_new.pop(gone_key, []))
+        if into.contact_id is not None:
+            # The joined person's traits are their current contact's, as on a first or new phone.
+            self.carry_traits(into, self.s.contacts[into.contact_id])
 
     def user_for(self, e: Event) -> UserState | None:
         # Each field read once: a protobuf attribute read costs about as much as the check made with it.
@@ -387,9 +390,11 @@ class _Resolver:
             if user is not None:
                 user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
             if contact is not None:
-                if phone and PHONE_KEY in traits:
-                    # A copy: the prepared traits are read again if the batch is retried.
-                    traits = {**traits, PHONE_KEY: phone}
+                if PHONE_KEY in traits:
+                    # A contact's phone property is its own number, set above when the event names
+                    # it; an empty or null phone trait never reaches it. A copy: the prepared
+                    # traits are read again if the batch is retried.
+                    traits = {k: v for k, v in traits.items() if k != PHONE_KEY}
                 contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
 
     def carry_traits(self, user: UserState, contact: ContactState) -> None:

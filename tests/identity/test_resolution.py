@@ -205,6 +205,70 @@ async def test_alias_joins_a_previous_id_to_a_user(identity: Identity, tenant: T
     assert names == ["EVENT_TYPE_GROUP", "EVENT_TYPE_ALIAS", "EVENT_TYPE_IDENTIFY", "EVENT_TYPE_PAGE"]
 
 
+async def contact_properties(identity: Identity, tenant: Tenant, phone: str) -> dict[str, object]:
+    got = await identity.stub.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)
+    return dict(got.contact.properties)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "one batch"])
+async def test_joining_users_brings_both_users_traits_to_the_contact(
+    identity: Identity, tenant: Tenant, batched: bool
+) -> None:
+    t = BASE_TIME + timedelta(days=50)
+    # The identified user has the phone; the anonymous one's traits arrive when they are joined.
+    user, anon = uid(), uid("anon")
+    first = [
+        identify({"name": "Ann"}, user_id=user, phone=PHONE, at=t),
+        identify({"plan": "pro"}, anonymous_id=anon, at=t + timedelta(seconds=1)),
+        track(user_id=user, anonymous_id=anon, at=t + timedelta(seconds=2)),
+    ]
+    # The other way round: the anonymous user has the phone, the identified one the traits.
+    other_user, other_anon, other_phone = uid(), uid("anon"), "+14155550102"
+    second = [
+        identify({"plan": "gold"}, user_id=other_user, at=t),
+        identify({"name": "Bob"}, anonymous_id=other_anon, phone=other_phone, at=t + timedelta(seconds=1)),
+        track(user_id=other_user, anonymous_id=other_anon, at=t + timedelta(seconds=2)),
+    ]
+    # An alias joins the same way.
+    aliased, alias_phone = uid(), "+14155550103"
+    old_anon = uid("anon")
+    third = [
+        identify({"tier": "vip"}, anonymous_id=old_anon, at=t),
+        identify({"name": "Cy"}, user_id=aliased, phone=alias_phone, at=t + timedelta(seconds=1)),
+        event(EventType.EVENT_TYPE_ALIAS, previous_id=old_anon, user_id=aliased, at=t + timedelta(seconds=2)),
+    ]
+    if batched:
+        await identity.record(tenant, *first, *second, *third)
+    else:
+        for e in (*first, *second, *third):
+            await identity.record(tenant, e)
+    assert await contact_properties(identity, tenant, PHONE) == {"phone": PHONE, "name": "Ann", "plan": "pro"}
+    assert await contact_properties(identity, tenant, other_phone) == {
+        "phone": other_phone,
+        "name": "Bob",
+        "plan": "gold",
+    }
+    assert await contact_properties(identity, tenant, alias_phone) == {
+        "phone": alias_phone,
+        "name": "Cy",
+        "tier": "vip",
+    }
+
+
+async def test_an_empty_or_null_phone_trait_leaves_the_contacts_phone_property(
+    identity: Identity, tenant: Tenant
+) -> None:
+    user = uid()
+    t = BASE_TIME + timedelta(days=60)
+    await identity.record(tenant, identify({"phone": PHONE}, user_id=user, phone=PHONE, at=t))
+    for i, value in enumerate(["", None], start=1):
+        await identity.record(tenant, identify({"phone": value, "step": i}, user_id=user, at=t + timedelta(minutes=i)))
+        assert await contact_properties(identity, tenant, PHONE) == {"phone": PHONE, "step": i}
+    # The user's own traits keep what was sent: the null removed the trait.
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user), metadata=tenant.md)
+    assert "phone" not in user_view.user.traits
+
+
 async def test_an_identified_users_anonymous_id_is_not_taken_by_another_user(
     identity: Identity, tenant: Tenant
 ) -> None:
