@@ -99,26 +99,33 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
     if op == "not_exists":
         return f"{p} IS NULL"
     if op == "eq":
+        equal = f"{p} = {bind(v, 'jsonb')}"
+        if any(key.isdigit() for key in cond.path):
+            return equal  # the part may index an array, which a containment object cannot match
         # Containment lets the GIN index narrow the rows; the equality makes it exact.
         nested: Any = v
         for key in reversed(cond.path):
             nested = {key: nested}
-        return f"(c.properties @> {bind(nested, 'jsonb')} AND {p} = {bind(v, 'jsonb')})"
+        return f"(c.properties @> {bind(nested, 'jsonb')} AND {equal})"
     if op == "neq":
         return f"{p} IS DISTINCT FROM {bind(v, 'jsonb')}"
+    # CASE, not AND: PostgreSQL may evaluate an AND's operands in any order, and the cast must
+    # never meet a value of another type.
     if op in ("gt", "gte", "lt", "lte"):
         sym = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
         if isinstance(v, (int, float)):
-            return f"(jsonb_typeof({p}) = 'number' AND ({p})::numeric {sym} {bind(str(v), 'numeric')})"
-        return f"(jsonb_typeof({p}) = 'string' AND ({p} #>> '{{}}') {sym} {bind(v, 'text')})"
+            return f"(CASE WHEN jsonb_typeof({p}) = 'number' THEN ({p})::numeric {sym} {bind(str(v), 'numeric')} END)"
+        return f"(CASE WHEN jsonb_typeof({p}) = 'string' THEN ({p} #>> '{{}}') {sym} {bind(v, 'text')} END)"
     if op == "contains":
-        text = bind(str(v).lower(), "text")
-        return (
-            f"((jsonb_typeof({p}) = 'string' AND strpos(lower({p} #>> '{{}}'), {text}) > 0)"
-            f" OR (jsonb_typeof({p}) = 'array' AND {p} @> {bind([v], 'jsonb')}))"
-        )
+        # A list holding the operand; a string holding it, case-insensitively, when it is a string.
+        member = f"(jsonb_typeof({p}) = 'array' AND {p} @> {bind([v], 'jsonb')})"
+        if not isinstance(v, str):
+            return member
+        substring = f"strpos(lower({p} #>> '{{}}'), {bind(v.lower(), 'text')}) > 0"
+        return f"(CASE WHEN jsonb_typeof({p}) = 'string' THEN {substring} ELSE {member} END)"
     if op == "in":
-        return f"({p} IS NOT NULL AND jsonb_build_array({p}) <@ {bind(v, 'jsonb')})"
+        # Equal to one of the operand's elements (jsonb equality: 3 and 3.0 are equal).
+        return f"EXISTS (SELECT 1 FROM jsonb_array_elements({bind(v, 'jsonb')}) AS o(v) WHERE o.v = {p})"
     raise ValueError(f"unknown operator {op}")
 
 

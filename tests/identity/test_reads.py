@@ -85,6 +85,43 @@ async def test_list_contacts_filters(
     assert await names(identity, tenant, *filters) == expected
 
 
+async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
+    identity: Identity, make_workspace: MakeWorkspace
+) -> None:
+    tenant = await identity.tenant(make_workspace)
+    people = [
+        ("+14155550011", {"first_name": "Num", "age": 42, "room": "Room 30", "tags": ["a"], "items": ["x", "y"]}),
+        ("+14155550012", {"first_name": "Text", "age": "unknown", "room": 30, "tags": ["a", "b"], "items": ["y"]}),
+        ("+14155550013", {"first_name": "Nested", "age": 38, "tags": [], "pair": {"x": 1, "y": 2}}),
+        ("+14155550014", {"first_name": "Half", "pair": {"x": 1}, "room": "untrue"}),
+    ]
+    for phone, traits in people:
+        await identity.record(tenant, identify({"phone": phone, **traits}, user_id=uid(), phone=phone))
+
+    async def who(*filters: PropertyFilter) -> list[str]:
+        return sorted(await names(identity, tenant, *filters))
+
+    # An ordering comparison with a number skips string values instead of failing on them.
+    assert await who(flt("age", OP.FILTER_OPERATOR_GT, 40)) == ["Num"]
+    assert await who(flt("age", OP.FILTER_OPERATOR_LTE, 40)) == ["Nested"]
+    assert await who(flt("age", OP.FILTER_OPERATOR_GTE, "a")) == ["Text"]
+    # CONTAINS: a substring of a string for a string operand; otherwise a member of a list.
+    assert await who(flt("room", OP.FILTER_OPERATOR_CONTAINS, 30)) == []
+    assert await who(flt("room", OP.FILTER_OPERATOR_CONTAINS, "room 3")) == ["Num"]
+    assert await who(flt("room", OP.FILTER_OPERATOR_CONTAINS, True)) == []
+    # IN: equal to one of the listed values, lists and objects included, not contained in one.
+    tags_in = value([])
+    tags_in.list_value.values.add().list_value.extend(["a", "b"])
+    assert await who(PropertyFilter(key="tags", operator=OP.FILTER_OPERATOR_IN, value=tags_in)) == ["Text"]
+    pair_in = value([])
+    pair_in.list_value.values.add().struct_value.update({"x": 1, "y": 2})
+    assert await who(PropertyFilter(key="pair", operator=OP.FILTER_OPERATOR_IN, value=pair_in)) == ["Nested"]
+    assert await who(flt("age", OP.FILTER_OPERATOR_IN, [42, "unknown"])) == ["Num", "Text"]
+    # EQ on a path through a list's index agrees with NEQ on it.
+    assert await who(flt("items.0", OP.FILTER_OPERATOR_EQ, "x")) == ["Num"]
+    assert await who(flt("items.0", OP.FILTER_OPERATOR_NEQ, "x")) == ["Half", "Nested", "Text"]
+
+
 async def test_list_contacts_orders_and_pages(identity: Identity, audience: tuple[Tenant, dict[str, str]]) -> None:
     tenant, _ = audience
     order = ["Ada", "Grace", "Alan", "Katherine"]
