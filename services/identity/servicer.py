@@ -27,7 +27,14 @@ from services.identity.phones import contact_time_zone, parse_phone
 from services.identity.repository import ContactRow, EventRow
 from services.identity.resolve import ANONYMOUS, USER
 from services.identity.stream import EventHub, follow
-from services.identity.tokens import Cursor, decode_page_token, encode_page_token, fingerprint
+from services.identity.tokens import (
+    Cursor,
+    decode_page_token,
+    encode_page_token,
+    fingerprint,
+    time_and_id,
+    time_and_seq,
+)
 
 MAX_BATCH_EVENTS = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -63,6 +70,13 @@ def _timestamp(dt: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(dt)
     return ts
+
+
+def _time(value: Timestamp, field: str) -> datetime:
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument.field(field, "not a valid timestamp (years 1-9999, nanos 0-999,999,999)") from exc
 
 
 def _struct(data: dict[str, Any]) -> Struct:
@@ -188,17 +202,13 @@ class IdentityServicer(IdentityServiceServicer):
         size = _page_size(request.page_size)
         query = fingerprint(
             "contacts",
+            workspace.id,
             order,
             request.descending,
             [f.SerializeToString(deterministic=True).hex() for f in request.filters],
         )
         position = decode_page_token(request.page_token, query)
-        after = None
-        if position is not None:
-            try:
-                after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1]))
-            except (ValueError, IndexError, TypeError) as exc:
-                raise InvalidArgument.field("page_token", "not a page token of this query") from exc
+        after = None if position is None else time_and_id(position)
         async with self._reads.connection() as conn:
             rows = await repository.list_contacts(conn, workspace.id, conds, order, request.descending, size + 1, after)
         token = ""
@@ -213,20 +223,15 @@ class IdentityServicer(IdentityServiceServicer):
     ) -> pb.ListContactEventsResponse:
         workspace = current_workspace()
         contact_id = _uuid(request.contact_id, "contact_id")
-        start = request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None
-        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None
+        start = _time(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = _time(request.end_time, "end_time") if request.HasField("end_time") else None
         if start is not None and end is not None and end < start:
             raise InvalidArgument.field("end_time", "must not be before start_time")
         size = _page_size(request.page_size)
         names = sorted(set(request.names))
-        query = fingerprint("timeline", str(contact_id), names, start, end)
+        query = fingerprint("timeline", workspace.id, str(contact_id), names, start, end)
         position = decode_page_token(request.page_token, query)
-        before = None
-        if position is not None:
-            try:
-                before = (datetime.fromisoformat(position[0]), int(position[1]))
-            except (ValueError, IndexError, TypeError) as exc:
-                raise InvalidArgument.field("page_token", "not a page token of this query") from exc
+        before = None if position is None else time_and_seq(position)
         async with self._reads.connection() as conn:
             rows = await repository.contact_events(conn, workspace.id, contact_id, names, start, end, size + 1, before)
             exists = bool(rows) or await repository.contact_exists(conn, workspace.id, contact_id)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from services.common.errors import InvalidArgument
@@ -31,8 +33,44 @@ def decode_page_token(token: str, query: str, field: str = "page_token") -> list
         if not isinstance(position, list) or data["q"] != query:
             raise ValueError
     except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument.field(field, "not a page token of this query") from exc
+        raise InvalidArgument.field(field, _NOT_OURS) from exc
     return position
+
+
+_NOT_OURS = "not a page token of this query"
+_INT64 = 2**63
+
+
+def _aware_time(value: Any) -> datetime:
+    """An ISO time with its offset, one PostgreSQL's timestamptz can hold (years 1-9999 in UTC)."""
+    if not isinstance(value, str):
+        raise TypeError
+    at = datetime.fromisoformat(value)
+    if at.tzinfo is None:
+        raise ValueError
+    return at.astimezone(UTC)  # OverflowError past the years a datetime holds
+
+
+def time_and_id(position: list[Any], field: str = "page_token") -> tuple[datetime, uuid.UUID]:
+    """A (time, id) keyset position read back from a page token."""
+    try:
+        at, ident = position
+        if not isinstance(ident, str):
+            raise TypeError
+        return _aware_time(at), uuid.UUID(ident)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument.field(field, _NOT_OURS) from exc
+
+
+def time_and_seq(position: list[Any], field: str = "page_token") -> tuple[datetime, int]:
+    """A (time, stream sequence) keyset position read back from a page token."""
+    try:
+        at, seq = position
+        if type(seq) is not int or not 0 <= seq < _INT64:
+            raise TypeError
+        return _aware_time(at), seq
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument.field(field, _NOT_OURS) from exc
 
 
 @dataclass(frozen=True, order=True)
@@ -54,7 +92,8 @@ class Cursor:
             if version != "v1":
                 raise ValueError
             cursor = cls(int(xid), int(seq))
-            if cursor.xid < 0 or cursor.seq < 0:
+            # xid8 and bigint: what PostgreSQL can compare them with.
+            if not (0 <= cursor.xid < 2 * _INT64 and 0 <= cursor.seq < _INT64):
                 raise ValueError
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument.field("cursor", "not a cursor of this stream") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.contact_pb2 import FilterOperator, PropertyFilter
 from parley.identity.v1 import identity_service_pb2 as ipb
 
@@ -274,6 +277,54 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
         (ipb.GetUserRequest(anonymous_id="\x00"), "anonymous_id"),
     ):
         await _expect_invalid(s.GetUser, request, tenant.md, field)
+
+
+def _edited(token: str, position: list[Any]) -> str:
+    """A page token with its query fingerprint kept and its position replaced."""
+    data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    raw = json.dumps({"q": data["q"], "p": position}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+async def test_edited_page_tokens_and_bad_times_are_invalid_arguments(
+    identity: Identity, tenant: Tenant, make_workspace: MakeWorkspace
+) -> None:
+    s = identity.stub
+    phone = "+14155552672"
+    for p in (phone, "+14155550101"):
+        await identity.record(tenant, identify({"phone": p}, user_id=uid(), phone=p), track(user_id=uid(), phone=p))
+    page = await s.ListContacts(ipb.ListContactsRequest(page_size=1), metadata=tenant.md)
+    contact_id = (await s.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)).contact.id
+    events = await s.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact_id, page_size=1), metadata=tenant.md
+    )
+    assert page.next_page_token and events.next_page_token
+    now, some_id = "2026-01-01T00:00:00+00:00", str(uuid.uuid4())
+    for position in (
+        [now, 5],
+        [now, [1]],
+        [now],
+        [now, some_id, 1],
+        [5, some_id],
+        ["2026-01-01T00:00:00", some_id],  # no offset
+        ["9999-12-31T23:59:59.999999-05:00", some_id],  # past year 9999 in UTC
+    ):
+        request = ipb.ListContactsRequest(page_size=1, page_token=_edited(page.next_page_token, position))
+        await _expect_invalid(s.ListContacts, request, tenant.md, "page_token")
+    for position in ([now, 2**64], [now, -1], [now, True], [now, "3"], [now, 1.5]):
+        request = ipb.ListContactEventsRequest(
+            contact_id=contact_id, page_size=1, page_token=_edited(events.next_page_token, position)
+        )
+        await _expect_invalid(s.ListContactEvents, request, tenant.md, "page_token")
+    for field, bad in (("start_time", Timestamp(seconds=10**12)), ("end_time", Timestamp(seconds=-(10**12)))):
+        request = ipb.ListContactEventsRequest(contact_id=contact_id, **{field: bad})
+        await _expect_invalid(s.ListContactEvents, request, tenant.md, field)
+    request = ipb.ListContactEventsRequest(contact_id=contact_id, start_time=Timestamp(seconds=0, nanos=-1))
+    await _expect_invalid(s.ListContactEvents, request, tenant.md, "start_time")
+    # A token is bound to its workspace too, even for the same query.
+    other = await identity.tenant(make_workspace)
+    request = ipb.ListContactsRequest(page_size=1, page_token=page.next_page_token)
+    await _expect_invalid(s.ListContacts, request, other.md, "page_token")
 
 
 async def test_unknown_ids_are_not_found(identity: Identity, tenant: Tenant) -> None:

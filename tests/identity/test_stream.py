@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import asyncpg
 import grpc
@@ -166,11 +167,18 @@ async def test_workspace_keys_stream_only_their_workspace_and_internal_callers_s
     assert seen[mine.message_id] == tenant.workspace.id and seen[theirs.message_id] == other.workspace.id
 
 
+def _raw_cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 async def test_bad_cursor_and_batch_size(identity: Identity, tenant: Tenant) -> None:
     from services.common.errors import field_violations
 
     for request, field in (
         (ipb.SubscribeEventsRequest(cursor="not-a-cursor"), "cursor"),
+        # Well formed, but past what xid8 and bigint hold.
+        (ipb.SubscribeEventsRequest(cursor=_raw_cursor(f"v1:{2**64}:0")), "cursor"),
+        (ipb.SubscribeEventsRequest(cursor=_raw_cursor(f"v1:1:{2**63}")), "cursor"),
         (ipb.SubscribeEventsRequest(batch_size=1001), "batch_size"),
         (ipb.SubscribeEventsRequest(batch_size=-1), "batch_size"),
     ):
