@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -88,9 +88,16 @@ async def _decoded_stream(requests: AsyncIterator[Any], check: bool) -> AsyncIte
 class ChassisInterceptor(grpc.aio.ServerInterceptor):
     """Binds request id and workspace for the call, logs it once, and maps exceptions to status."""
 
-    def __init__(self, verifier: KeyVerifier, *, self_checked: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        verifier: KeyVerifier,
+        *,
+        self_checked: frozenset[str] = frozenset(),
+        parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+    ) -> None:
         self._verifier = verifier
         self._self_checked = self_checked
+        self._parsers = dict(parsers or {})
 
     async def intercept_service(
         self,
@@ -101,7 +108,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
-        deserializer = _lenient(handler.request_deserializer)
+        deserializer = _lenient(self._parsers.get(method, handler.request_deserializer))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),

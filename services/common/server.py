@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ class ServiceModule:
     # Methods (``/pkg.Service/Method``) that check their requests for what Postgres cannot hold
     # themselves, per item; the chassis checks every other request whole (see interceptors).
     self_checked: frozenset[str] = frozenset()
+    # Per method, a request parser to use instead of the generated one (see ingest's salvage.py).
+    request_parsers: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,9 +124,8 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     verifier = tenancy.KeyVerifier(pool, token, settings.auth_cache_seconds)
     runtime = Runtime(settings=settings, database_url=dsn, pool=pool, internal_token=token, verifier=verifier)
 
-    server = grpc.aio.server(
-        interceptors=[ChassisInterceptor(verifier, self_checked=module.self_checked)], options=_SERVER_OPTIONS
-    )
+    interceptor = ChassisInterceptor(verifier, self_checked=module.self_checked, parsers=module.request_parsers)
+    server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
     names = list(module.register(server, runtime))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
-from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType, FieldViolation
 from parley.ingest.v1 import ingest_service_pb2 as pb
 from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
 
 from services.common.context import current_workspace
 from services.common.errors import InvalidArgument
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
+from services.ingest.salvage import SalvagedBatch, UnreadableEvent
 
 MAX_BATCH_EVENTS = 1000
 # Stream messages being validated and forwarded at once.
@@ -21,6 +23,8 @@ STREAM_IN_FLIGHT = 4
 
 _SINGLE = single_namer("event")
 _BATCH = batch_namer("events")
+# The namers' event argument, for an event that could not be read.
+_NO_EVENT = Event()
 
 
 # Plain ints: enum attribute lookups cost about a microsecond per result.
@@ -50,7 +54,10 @@ class IngestServicer(IngestServiceServicer):
         self._ingestor = ingestor
         self._max_batch_bytes = max_batch_bytes
 
-    async def _single(self, event: Event, expected: EventType.ValueType) -> EventResult:
+    async def _single(self, request: Any, expected: EventType.ValueType) -> EventResult:
+        if isinstance(request, UnreadableEvent):
+            raise InvalidArgument.field(_SINGLE(0, _NO_EVENT, request.problem.field), request.problem.description)
+        event: Event = request.event
         if event.type == EventType.EVENT_TYPE_UNSPECIFIED:
             event.type = expected
         elif event.type != expected:
@@ -61,16 +68,16 @@ class IngestServicer(IngestServiceServicer):
         return result
 
     async def Track(self, request: pb.TrackRequest, context: grpc.aio.ServicerContext) -> pb.TrackResponse:
-        return pb.TrackResponse(result=await self._single(request.event, EventType.EVENT_TYPE_TRACK))
+        return pb.TrackResponse(result=await self._single(request, EventType.EVENT_TYPE_TRACK))
 
     async def Page(self, request: pb.PageRequest, context: grpc.aio.ServicerContext) -> pb.PageResponse:
-        return pb.PageResponse(result=await self._single(request.event, EventType.EVENT_TYPE_PAGE))
+        return pb.PageResponse(result=await self._single(request, EventType.EVENT_TYPE_PAGE))
 
     async def Screen(self, request: pb.ScreenRequest, context: grpc.aio.ServicerContext) -> pb.ScreenResponse:
-        return pb.ScreenResponse(result=await self._single(request.event, EventType.EVENT_TYPE_SCREEN))
+        return pb.ScreenResponse(result=await self._single(request, EventType.EVENT_TYPE_SCREEN))
 
     async def Identify(self, request: pb.IdentifyRequest, context: grpc.aio.ServicerContext) -> pb.IdentifyResponse:
-        return pb.IdentifyResponse(result=await self._single(request.event, EventType.EVENT_TYPE_IDENTIFY))
+        return pb.IdentifyResponse(result=await self._single(request, EventType.EVENT_TYPE_IDENTIFY))
 
     def _check_batch(self, count: int, size: int, *, allow_empty: bool = False) -> None:
         if count == 0 and not allow_empty:
@@ -80,15 +87,33 @@ class IngestServicer(IngestServiceServicer):
         if size > self._max_batch_bytes:
             raise InvalidArgument.field("events", f"batch is {size} bytes; the limit is {self._max_batch_bytes} bytes")
 
+    def _batch(
+        self,
+        request: pb.IngestBatchRequest | pb.IngestStreamRequest | SalvagedBatch,
+        *,
+        base_index: int = 0,
+        allow_empty: bool = False,
+    ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None]:
+        """A batch request's events, checked, and the violations of those that did not parse."""
+        if not isinstance(request, SalvagedBatch):
+            self._check_batch(len(request.events), request.ByteSize(), allow_empty=allow_empty)
+            return request.events, None
+        self._check_batch(len(request.events), request.byte_size, allow_empty=allow_empty)
+        prior = {
+            slot: [FieldViolation(field=_BATCH(base_index + slot, _NO_EVENT, p.field), description=p.description)]
+            for slot, p in request.problems.items()
+        }
+        return request.events, prior
+
     async def IngestBatch(
-        self, request: pb.IngestBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.IngestBatchRequest | SalvagedBatch, context: grpc.aio.ServicerContext
     ) -> pb.IngestBatchResponse:
-        self._check_batch(len(request.events), request.ByteSize())
-        results = await self._ingestor.ingest(request.events, current_workspace(), _BATCH)
+        events, prior = self._batch(request)
+        results = await self._ingestor.ingest(events, current_workspace(), _BATCH, prior=prior)
         return pb.IngestBatchResponse(results=results, **_counts(results))
 
     async def IngestStream(
-        self, request_iterator: AsyncIterator[pb.IngestStreamRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.IngestStreamRequest | SalvagedBatch], context: grpc.aio.ServicerContext
     ) -> pb.IngestStreamResponse:
         workspace = current_workspace()
         # Messages are validated and forwarded while the next ones arrive (a few at a time,
@@ -98,13 +123,15 @@ class IngestServicer(IngestServiceServicer):
         received = 0
         try:
             async for request in request_iterator:
-                self._check_batch(len(request.events), request.ByteSize(), allow_empty=True)
-                if not request.events:
+                events, prior = self._batch(request, base_index=received, allow_empty=True)
+                if not events:
                     continue
                 pending.append(
-                    asyncio.create_task(self._ingestor.ingest(request.events, workspace, _BATCH, base_index=received))
+                    asyncio.create_task(
+                        self._ingestor.ingest(events, workspace, _BATCH, base_index=received, prior=prior)
+                    )
                 )
-                received += len(request.events)
+                received += len(events)
                 if len(pending) >= STREAM_IN_FLIGHT:
                     results.extend(await pending.popleft())
             while pending:
