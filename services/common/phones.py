@@ -26,18 +26,28 @@ def _valid_number(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
     return number if number is not None and phonenumbers.is_valid_number(number) else None
 
 
-@functools.lru_cache(maxsize=200_000)
-def to_e164(raw: str, region: str) -> str | None:
-    """E.164 form of ``raw`` (any format, ``tel:`` URIs too) read in ``region``; None when no valid number.
+# Longest phone text parsed (libphonenumber's own MAX_INPUT_STRING_LENGTH). The parse caches
+# below are keyed by the text as sent: without this bound one client could fill them with
+# megabytes of text per entry.
+MAX_PHONE_CHARS = 250
 
-    Cached: parsing costs tens of microseconds, and the same numbers arrive again and again.
-    """
+
+def _to_e164(raw: str, region: str) -> str | None:
     number = _valid_number(raw, region)
     return None if number is None else phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-@functools.lru_cache(maxsize=200_000)
-def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
+# Cached: parsing costs tens of microseconds, and the same numbers arrive again and again.
+_cached_to_e164 = functools.lru_cache(maxsize=200_000)(_to_e164)
+
+
+def to_e164(raw: str, region: str) -> str | None:
+    """E.164 form of ``raw`` (any format, ``tel:`` URIs too) read in ``region``; None when no valid number
+    (or longer than ``MAX_PHONE_CHARS``, which is never cached)."""
+    return None if len(raw) > MAX_PHONE_CHARS else _cached_to_e164(raw, region)
+
+
+def _e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     """``to_e164`` and ``time_zone_of`` from one parse: (E.164, first known zone or ''), None when no valid number.
 
     The number's type is looked up once for a geographical number (most of the North American
@@ -57,6 +67,18 @@ def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     else:
         zones = phone_timezone.time_zones_for_number(number)  # the country's zones
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), _known_zone(zones, "")
+
+
+_cached_e164_and_zone = functools.lru_cache(maxsize=200_000)(_e164_and_zone)
+
+
+def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
+    """``_e164_and_zone``, cached; None for text longer than ``MAX_PHONE_CHARS``, which is never cached."""
+    return None if len(raw) > MAX_PHONE_CHARS else _cached_e164_and_zone(raw, region)
+
+
+# ``__wrapped__`` is the uncached parse, as under a plain lru_cache (tests compare it with the plain calls).
+functools.update_wrapper(e164_and_zone, _e164_and_zone, assigned=(), updated=())
 
 
 def _known_zone(zones: Sequence[str], default: str) -> str:

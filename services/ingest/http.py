@@ -10,6 +10,7 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ from services.common.server import Runtime
 from services.common.tenancy import KeyVerifier
 from services.ingest.pipeline import Ingestor, Namer
 from services.ingest.segment import from_regal, from_segment, json_field, parse_time
+from services.ingest.servicer import MAX_BATCH_EVENTS
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +32,19 @@ _CHUNK = 64 * 1024
 # JSON bodies; text/plain is what browsers' sendBeacon uses to avoid a CORS preflight.
 _CONTENT_TYPES = frozenset({"application/json", "text/plain"})
 _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
+# Violations listed in one answer; the rest are counted (``error_count``). Up to 1,000 events
+# with several violations each would otherwise make the error answer larger than the request.
+MAX_LISTED_ERRORS = 100
+# CORS: browser SDKs (analytics.js sends with fetch) post from the customer's site. The write
+# key travels explicitly (Basic auth or in the body), never in cookies, so any origin may send
+# and no credentials mode is needed: "*" is right.
+_CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "X-Request-Id"}
+_PREFLIGHT_HEADERS = {
+    **_CORS_HEADERS,
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "86400",
+}
 # Responses by status since start (a Counter), e.g. how many 503s senders were told to retry.
 RESPONSES = web.AppKey("responses", Counter)
 
@@ -171,6 +186,15 @@ class HttpIngest:
         items = payload.get("batch")
         if not isinstance(items, list) or not items:
             raise HttpError(400, "invalid_batch", "batch must be a non-empty array of messages", field="batch")
+        if len(items) > MAX_BATCH_EVENTS:
+            # Before any per-item work: a body of tiny items would otherwise cost seconds of CPU.
+            raise HttpError(
+                400,
+                "invalid_batch",
+                f"batch has {len(items)} messages; the limit is {MAX_BATCH_EVENTS} per request",
+                field="batch",
+                limit=MAX_BATCH_EVENTS,
+            )
         ctx = payload.get("context") if isinstance(payload.get("context"), dict) else None
         integrations = payload.get("integrations") if isinstance(payload.get("integrations"), dict) else None
         sent_at = None
@@ -209,14 +233,14 @@ class HttpIngest:
 
 
 def _answer(results: list[EventResult]) -> web.Response:
+    rejected = [r for r in results if r.status == EventStatus.EVENT_STATUS_REJECTED]
+    if not rejected:
+        return web.json_response({"success": True})
+    error_count = sum(len(r.violations) for r in rejected)
     errors = [
         {"index": r.index, "messageId": r.message_id, "field": v.field, "description": v.description}
-        for r in results
-        if r.status == EventStatus.EVENT_STATUS_REJECTED
-        for v in r.violations
+        for r, v in islice(((r, v) for r in rejected for v in r.violations), MAX_LISTED_ERRORS)
     ]
-    if not errors:
-        return web.json_response({"success": True})
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
     for r in results:
         if r.status == EventStatus.EVENT_STATUS_ACCEPTED:
@@ -228,7 +252,26 @@ def _answer(results: list[EventResult]) -> web.Response:
     message = f"{counts['rejected']} of {len(results)} events rejected"
     if counts["rejected"] < len(results):
         message += "; the others were stored"
-    return HttpError(400, "invalid_events", message, errors=errors, **counts).response()
+    return HttpError(400, "invalid_events", message, errors=errors, error_count=error_count, **counts).response()
+
+
+@web.middleware
+async def _cors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every answer, errors and aiohttp's own (404, 405) included, may be read by a browser page."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(_CORS_HEADERS)
+        raise
+    response.headers.update(_CORS_HEADERS)
+    return response
+
+
+async def _preflight(request: web.Request) -> web.Response:
+    """A browser's CORS preflight (its JSON posts with a write key are not "simple" requests)."""
+    return web.Response(status=204, headers=_PREFLIGHT_HEADERS)
 
 
 @web.middleware
@@ -262,13 +305,17 @@ async def _errors(
 def build_app(ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) -> web.Application:
     """The aiohttp application: Segment's ``/v1/*`` endpoints and Regal's ``/events``."""
     handlers = HttpIngest(ingestor, verifier, max_body_bytes)
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_cors, _errors])
     app[RESPONSES] = Counter()
-    app.router.add_post("/v1/batch", handlers.batch)
-    app.router.add_post("/v1/import", handlers.batch)
-    for kind in _SINGLE_KINDS:
-        app.router.add_post(f"/v1/{kind}", handlers.single(kind))
-    app.router.add_post("/events", handlers.regal)
+    routes: list[tuple[str, Callable[[web.Request], Awaitable[web.Response]]]] = [
+        ("/v1/batch", handlers.batch),
+        ("/v1/import", handlers.batch),
+        *((f"/v1/{kind}", handlers.single(kind)) for kind in _SINGLE_KINDS),
+        ("/events", handlers.regal),
+    ]
+    for path, handler in routes:
+        app.router.add_post(path, handler)
+        app.router.add_route("OPTIONS", path, _preflight)
     return app
 
 

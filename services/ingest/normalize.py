@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventType
 
 from services.common.errors import Violation
-from services.common.phones import e164_and_zone
+from services.common.phones import MAX_PHONE_CHARS, e164_and_zone
 from services.common.storable import NUL
 
 NANOS = 1_000_000_000
@@ -69,6 +69,12 @@ _NUL_ONLY = (False, False, True)
 
 # Serialized context -> ((too deep, non-finite number, NUL), has a "traits" key), per max depth.
 _contexts: dict[int, dict[bytes, tuple[tuple[bool, bool, bool], bool]]] = {}
+# Only contexts this small are remembered (a library/device/page context is a few hundred
+# bytes to ~2 KiB), so the memory held is bounded: at most _MAX_CONTEXTS keys of this size,
+# ~40 MiB at worst. Larger ones are unusual and, keyed by their bytes, would let a sender
+# fill memory.
+_MAX_CACHED_CONTEXT_BYTES = 4 * 1024
+_MAX_CONTEXTS = 10_000
 
 
 def _walk(root: Struct, max_depth: int, deep: bool, odd: bool, nul: bool) -> tuple[bool, bool, bool]:
@@ -143,13 +149,15 @@ def _context_facts(context: Struct, max_depth: int) -> tuple[tuple[bool, bool, b
     """(``_struct_problems``, has a ``traits`` key) for a context, remembered: a sender's
     context (library, device) rarely changes, and serializing it is cheaper than walking it."""
     data = context.SerializeToString()
+    if len(data) > _MAX_CACHED_CONTEXT_BYTES:
+        return _struct_problems(context, max_depth), "traits" in context.fields
     known_contexts = _contexts.get(max_depth)
     if known_contexts is None:
         known_contexts = _contexts[max_depth] = {}
     known = known_contexts.get(data)
     if known is None:
         known = (_struct_problems(context, max_depth), "traits" in context.fields)
-        if len(known_contexts) >= 10_000:
+        if len(known_contexts) >= _MAX_CONTEXTS:
             known_contexts.clear()
         known_contexts[data] = known
     return known
@@ -177,6 +185,48 @@ def _phone_text(value: Value) -> str | None:
     return None
 
 
+def _read_phone(field: str, value: Value, region: str, out: list[Violation]) -> tuple[str, str] | None:
+    """(E.164, zone) of the phone ``value`` holds, ("", "") with a violation when it is no valid
+    phone; None when it holds none (absent, null, blank)."""
+    text = _phone_text(value)
+    if text is None:
+        out.append(Violation(field, "must be a string"))
+        return "", ""
+    if not text:
+        return None
+    if len(text) > MAX_PHONE_CHARS:
+        # Refused before the (cached) parse: see MAX_PHONE_CHARS.
+        out.append(Violation(field, f"not a valid phone number: longer than {MAX_PHONE_CHARS} characters"))
+        return "", ""
+    # The zone comes from the same parse: identity stores it on a contact it creates.
+    found = e164_and_zone(text, region)
+    if found is None:
+        out.append(Violation(field, "not a valid phone number"))
+        return "", ""
+    return found
+
+
+def _event_phone(
+    traits: Struct | None, context: Struct | None, region: str, out: list[Violation]
+) -> tuple[str, str, bool]:
+    """(E.164, zone, a phone was given) of the event. ``traits.phone`` decides when it holds one;
+    only otherwise is ``context.traits.phone`` read (Segment clients send either). ``context``
+    is passed only when it has a ``traits`` key."""
+    if traits is not None:
+        fields = traits.fields
+        if "phone" in fields:
+            found = _read_phone("traits.phone", fields["phone"], region, out)
+            if found is not None:
+                return found[0], found[1], True
+    if context is not None:
+        ctx_traits = context.fields["traits"]
+        if ctx_traits.WhichOneof("kind") == "struct_value" and "phone" in ctx_traits.struct_value.fields:
+            found = _read_phone("context.traits.phone", ctx_traits.struct_value.fields["phone"], region, out)
+            if found is not None:
+                return found[0], found[1], True
+    return "", "", False
+
+
 def _check_ids(event: Event, ids: list[str], max_id: int, out: list[Violation]) -> list[str]:
     """The ids (in ``_ID_FIELDS`` order) trimmed, in the event too; their violations added to ``out``."""
     for i, value in enumerate(ids):
@@ -192,14 +242,58 @@ def _check_ids(event: Event, ids: list[str], max_id: int, out: list[Violation]) 
     return ids
 
 
-def _timestamp_problem(seconds: int, nanos: int, latest: int) -> str:
-    """Why a client's timestamp (``seconds``, ``nanos``) is refused; ``latest`` is the last nanosecond allowed.
-    Only called for a refused one: the accepting test is inlined on the hot path."""
-    if not (_TS_MIN <= seconds <= _TS_MAX) or not (0 <= nanos < NANOS):
-        return "not a valid timestamp"
-    if seconds < MIN_EVENT_SECONDS:
-        return "before 2000-01-01T00:00:00Z"
-    return "more than 24 hours after the event was received"
+def _set_event_time(event: Event, received_at: Timestamp, out: list[Violation]) -> None:
+    """Set ``received_at`` and the event time ``timestamp``; the timestamps' violations added to ``out``.
+
+    ``original_timestamp`` and ``sent_at`` are read on the device's clock, which may be far off
+    (set ahead, or reset to 1970): they need only be valid timestamps. The sanity limits (not
+    before 2000, not more than 24 h after arrival) apply to the time the event is stored at: the
+    skew-corrected one, or ``original_timestamp`` itself when there is no ``sent_at`` to correct it.
+    """
+    has = event.HasField
+    received = received_at.seconds * NANOS + received_at.nanos
+    event.received_at.CopyFrom(received_at)
+    # Presence is asked only of all-zero stamps: a set one at the epoch is still read.
+    ts = event.original_timestamp
+    seconds, nanos = ts.seconds, ts.nanos
+    has_original = bool(seconds or nanos) or has("original_timestamp")
+    original: int | None = None
+    if has_original:
+        if _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos < NANOS:
+            original = seconds * NANOS + nanos
+        else:
+            out.append(Violation("original_timestamp", "not a valid timestamp"))
+    ts = event.sent_at
+    seconds, nanos = ts.seconds, ts.nanos
+    has_sent = bool(seconds or nanos) or has("sent_at")
+    sent: int | None = None
+    if has_sent:
+        if _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos < NANOS:
+            sent = seconds * NANOS + nanos
+        else:
+            out.append(Violation("sent_at", "not a valid timestamp"))
+    if original is None:
+        if not has_original:
+            event.timestamp.CopyFrom(received_at)
+        return
+    if sent is not None:
+        # Segment's clock-skew correction: the device's clock may be off, but the interval
+        # between the event and its sending is measured on one clock.
+        corrected = received - (sent - original)
+        if corrected > received + _MAX_FUTURE_NANOS:
+            out.append(Violation("original_timestamp", "more than 24 hours after sent_at"))
+        elif corrected < _MIN_EVENT_NANOS:
+            out.append(Violation("original_timestamp", "before 2000-01-01T00:00:00Z after clock-skew correction"))
+        else:
+            ts = event.timestamp
+            ts.seconds, ts.nanos = divmod(corrected, NANOS)
+    elif not has_sent:  # (an invalid sent_at already rejects the event)
+        if original < _MIN_EVENT_NANOS:
+            out.append(Violation("original_timestamp", "before 2000-01-01T00:00:00Z"))
+        elif original > received + _MAX_FUTURE_NANOS:
+            out.append(Violation("original_timestamp", "more than 24 hours after the event was received"))
+        else:
+            event.timestamp.CopyFrom(event.original_timestamp)
 
 
 def normalize_event(event: Event, region: str, received_at: Timestamp, limits: Limits = Limits()) -> list[Violation]:
@@ -215,7 +309,8 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     out: list[Violation] = []
     has = event.HasField
     size = event.ByteSize()
-    if size > limits.max_event_bytes:
+    oversized = size > limits.max_event_bytes
+    if oversized:
         out.append(Violation("", f"event is {size} bytes; the limit is {limits.max_event_bytes} bytes"))
 
     kind = event.type
@@ -255,52 +350,30 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     if not message_id:
         event.message_id = str(uuid.uuid4())
 
-    max_depth = limits.max_depth
-    has_traits = has("traits")
-    has_context = has("context")
-    if has("properties"):
-        problems = _struct_problems(event.properties, max_depth)
-        if problems is not _NO_PROBLEMS:
-            _check_struct("properties", problems, max_depth, out)
-    traits = event.traits if has_traits else None
-    if traits is not None:
-        problems = _struct_problems(traits, max_depth)
-        if problems is not _NO_PROBLEMS:
-            _check_struct("traits", problems, max_depth, out)
-    context = event.context if has_context else None
-    context_traits = False
-    if context is not None:
-        problems, context_traits = _context_facts(context, max_depth)
-        if problems is not _NO_PROBLEMS:
-            _check_struct("context", problems, max_depth, out)
-
-    # The traits' phone, then the context's traits' phone (Segment clients send either).
-    sources: list[tuple[str, Value]] = []
-    if traits is not None:
-        fields = traits.fields
-        if "phone" in fields:
-            sources.append(("traits.phone", fields["phone"]))
-    if context_traits and context is not None:
-        ctx_traits = context.fields["traits"]
-        if ctx_traits.WhichOneof("kind") == "struct_value" and "phone" in ctx_traits.struct_value.fields:
-            sources.append(("context.traits.phone", ctx_traits.struct_value.fields["phone"]))
     phone = zone = ""
-    phone_given = False
-    for field, value in sources:
-        text = _phone_text(value)
-        if text is None:
-            out.append(Violation(field, "must be a string"))
-            phone_given = True
-            continue
-        if not text:
-            continue
-        phone_given = True
-        # The zone comes from the same parse: identity stores it on a contact it creates.
-        found = e164_and_zone(text, region)
-        if found is None:
-            out.append(Violation(field, "not a valid phone number"))
-        elif not phone:
-            phone, zone = found
+    # An oversized event is rejected whatever else it holds, so its structs are not walked (nor
+    # its context remembered) and its phone is not parsed: work and memory a sender could make
+    # ingest spend on megabytes it never stores. Its identity is not asked for either (its
+    # phone is unread).
+    phone_given = oversized
+    if not oversized:
+        max_depth = limits.max_depth
+        if has("properties"):
+            problems = _struct_problems(event.properties, max_depth)
+            if problems is not _NO_PROBLEMS:
+                _check_struct("properties", problems, max_depth, out)
+        traits = event.traits if has("traits") else None
+        if traits is not None:
+            problems = _struct_problems(traits, max_depth)
+            if problems is not _NO_PROBLEMS:
+                _check_struct("traits", problems, max_depth, out)
+        context = event.context if has("context") else None
+        context_traits = False
+        if context is not None:
+            problems, context_traits = _context_facts(context, max_depth)
+            if problems is not _NO_PROBLEMS:
+                _check_struct("context", problems, max_depth, out)
+        phone, zone, phone_given = _event_phone(traits, context if context_traits else None, region, out)
     if phone or event.phone:  # reading is cheaper than writing the usual ""
         event.phone = phone
     if zone or event.phone_time_zone:
@@ -316,42 +389,5 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
     if not (user_id or anonymous_id or phone_given):
         out.append(Violation("user_id", "one of user_id, anonymous_id or traits.phone is required"))
 
-    received = received_at.seconds * NANOS + received_at.nanos
-    latest = received + _MAX_FUTURE_NANOS
-    event.received_at.CopyFrom(received_at)
-    # Presence is asked only of all-zero stamps: a set one at the epoch is still checked (and refused).
-    ts = event.original_timestamp
-    seconds, nanos = ts.seconds, ts.nanos
-    has_original = bool(seconds or nanos) or has("original_timestamp")
-    ok_original = ok_sent = False
-    original = sent = 0
-    if has_original:
-        original = seconds * NANOS + nanos
-        if MIN_EVENT_SECONDS <= seconds <= _TS_MAX and 0 <= nanos < NANOS and original <= latest:
-            ok_original = True
-        else:
-            out.append(Violation("original_timestamp", _timestamp_problem(seconds, nanos, latest)))
-    ts = event.sent_at
-    seconds, nanos = ts.seconds, ts.nanos
-    if seconds or nanos or has("sent_at"):
-        sent = seconds * NANOS + nanos
-        if MIN_EVENT_SECONDS <= seconds <= _TS_MAX and 0 <= nanos < NANOS and sent <= latest:
-            ok_sent = True
-        else:
-            out.append(Violation("sent_at", _timestamp_problem(seconds, nanos, latest)))
-    if ok_original and ok_sent:
-        # Segment's clock-skew correction: the device's clock may be off, but the interval
-        # between the event and its sending is measured on one clock.
-        corrected = received - (sent - original)
-        if corrected > latest:
-            out.append(Violation("original_timestamp", "more than 24 hours after sent_at"))
-        elif corrected < _MIN_EVENT_NANOS:
-            out.append(Violation("original_timestamp", "before 2000-01-01T00:00:00Z after clock-skew correction"))
-        else:
-            ts = event.timestamp
-            ts.seconds, ts.nanos = divmod(corrected, NANOS)
-    elif ok_original:
-        event.timestamp.CopyFrom(event.original_timestamp)
-    elif not has_original:
-        event.timestamp.CopyFrom(received_at)
+    _set_event_time(event, received_at, out)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -72,9 +73,16 @@ class _Reader:
                 self.violations.append(Violation(key, "not valid Unicode: a lone surrogate escape"))
                 return ""
             return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            # SDKs send numeric ids; they are the same id as their decimal text.
-            return str(int(value)) if float(value).is_integer() else str(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            # SDKs send numeric ids; they are the same id as their decimal text. (An int of any
+            # length is exact text; a too long one fails the shared length rules, on its event.)
+            return str(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                # Python's JSON reader takes NaN and Infinity; no id or name is "nan" or "inf".
+                self.violations.append(Violation(key, "must be a string or a finite number"))
+                return ""
+            return str(int(value)) if value.is_integer() else str(value)
         self.violations.append(Violation(key, "must be a string"))
         return ""
 

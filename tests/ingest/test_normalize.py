@@ -187,7 +187,8 @@ FUTURE = ts(NOW + timedelta(days=2))
             "original_timestamp",
             "not a valid timestamp",
         ),
-        (track(sent_at=OLD), "sent_at", "2000"),
+        (track(sent_at=Timestamp(seconds=10**12)), "sent_at", "not a valid timestamp"),
+        (track(original_timestamp=OLD, sent_at=ts(NOW)), "original_timestamp", "after clock-skew correction"),
         (
             track(original_timestamp=ts(NOW), sent_at=ts(NOW - timedelta(days=3))),
             "original_timestamp",
