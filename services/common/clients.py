@@ -6,12 +6,17 @@ import grpc
 
 from services.common.interceptors import WORKSPACE_HEADER
 
+# The largest message a channel sends or receives. Every service's server takes messages of
+# the same size (server.py), so a request the client lets out is never refused by its peer;
+# callers that build large requests (ingest's forwarding) size them under this.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 # Keep channels alive across idle periods and fail fast when a peer is down.
 _CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )

@@ -9,7 +9,7 @@ from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldVio
 
 from services.common.context import Workspace
 from services.common.errors import Violation
-from services.ingest.forward import MAX_FORWARD, Forwarder
+from services.ingest.forward import Forwarder
 from services.ingest.normalize import Limits, normalize_event
 
 # Plain ints: enum attribute lookups are slow on this hot path.
@@ -59,7 +59,9 @@ class Ingestor:
         ``prior`` holds violations found before normalization (e.g. unparseable JSON fields)
         by position in ``events``, already named; a None event is one that could not be read
         at all and is rejected with its ``prior`` violations only. Raises ``Unavailable`` when identity cannot
-        be reached; then nothing of this call's last forward was committed.
+        be reached; then no event is reported stored. The events went to identity in one call, which
+        committed nothing, unless they were too many or too large for one: then the calls before
+        the failed one stay committed, and a retry answers their events as ``DUPLICATE``.
         """
         received = Timestamp()
         received.GetCurrentTime()
@@ -97,12 +99,9 @@ class Ingestor:
             forward.append(event)
             forward_slots.append(slot)
 
-        if len(forward) <= MAX_FORWARD:
-            committed = await self._forwarder.record(forward, workspace) if forward else []
-        else:
-            committed = []
-            for start in range(0, len(forward), MAX_FORWARD):
-                committed.extend(await self._forwarder.record(forward[start : start + MAX_FORWARD], workspace))
+        # The forwarder cuts what one identity call cannot hold (events or bytes) into several
+        # calls and answers once all of them committed: one result per forwarded event, in order.
+        committed = await self._forwarder.record(forward, workspace) if forward else []
         if len(forward) == len(events) and len(committed) == len(forward):
             # Every event was forwarded, in order: identity's results are the answer as they are.
             for slot, result in enumerate(committed, base_index):
