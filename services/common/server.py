@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import tenancy
+from services.common.clients import MAX_MESSAGE_BYTES
 from services.common.db import apply_migrations, create_pool
 from services.common.embedded import database_url
 from services.common.interceptors import ChassisInterceptor
@@ -26,8 +27,8 @@ from services.common.settings import Settings, load_settings
 log = structlog.get_logger("parley.server")
 
 _SERVER_OPTIONS = (
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
 )
 

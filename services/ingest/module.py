@@ -16,7 +16,7 @@ from services.ingest import http
 from services.ingest.forward import Forwarder
 from services.ingest.normalize import Limits
 from services.ingest.pipeline import Ingestor
-from services.ingest.salvage import batch_parser, single_parser
+from services.ingest.salvage import parser
 from services.ingest.servicer import IngestServicer
 
 
@@ -52,14 +52,14 @@ MODULE = ServiceModule(
     ),
     # An event that does not parse at all (a string that is not UTF-8) too (salvage.py).
     request_parsers={
-        f"/parley.ingest.v1.IngestService/{name}": parser(getattr(ingest_service_pb2, f"{name}Request"))
-        for name, parser in (
-            ("Track", single_parser),
-            ("Page", single_parser),
-            ("Screen", single_parser),
-            ("Identify", single_parser),
-            ("IngestBatch", batch_parser),
-            ("IngestStream", batch_parser),
+        f"/parley.ingest.v1.IngestService/{name}": parser(getattr(ingest_service_pb2, f"{name}Request"), field)
+        for name, field in (
+            ("Track", "event"),
+            ("Page", "event"),
+            ("Screen", "event"),
+            ("Identify", "event"),
+            ("IngestBatch", "events"),
+            ("IngestStream", "events"),
         )
     },
 )

@@ -34,19 +34,25 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
+class Unparsed:
+    """A request that did not parse, kept as bytes: read again by the handler, once the caller is
+    authenticated and the request's size checked (reading it is work a stranger must not cause)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SalvagedBatch:
     """A batch request some of whose events did not parse: those are None, with their problem."""
 
     events: list[Event | None]
     problems: dict[int, Problem]
-    byte_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class UnreadableEvent:
-    """A single-event request whose event did not parse."""
-
-    problem: Problem
+class TooManyEvents(Exception):
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
 
 
 def _fields(data: bytes) -> UnknownFieldSet:
@@ -72,8 +78,10 @@ def _problem(data: bytes) -> Problem:
             try:
                 message_factory.GetMessageClass(fd.message_type).FromString(f.data)
             except DecodeError:
-                return Problem(fd.name, f"not a valid {fd.message_type.name}: a string in it may not be UTF-8")
-    return Problem("", "not a valid event")
+                return Problem(
+                    fd.name, f"not a valid {fd.message_type.name}: a string in it is not UTF-8, or it nests too deep"
+                )
+    return Problem("", "not a valid event: it nests too deep")
 
 
 def _only_field(request_cls: type[Message], name: str) -> int:
@@ -84,49 +92,47 @@ def _only_field(request_cls: type[Message], name: str) -> int:
     return int(fields[name].number)
 
 
-def batch_parser(request_cls: type[Message]) -> Callable[[bytes], Any]:
-    """``request_cls.FromString``, or a :class:`SalvagedBatch` when some of its ``events`` do not parse.
+def parser(request_cls: type[Message], field: str) -> Callable[[bytes], Any]:
+    """``request_cls.FromString``, or :class:`Unparsed` when the bytes do not parse. ``field``,
+    the request's only field, holds its event(s)."""
+    if _only_field(request_cls, field) != 1:
+        raise TypeError(f"{request_cls.DESCRIPTOR.full_name}.{field} is not field 1")
 
-    A request whose wire structure itself is broken still raises ``DecodeError``.
-    """
-    number = _only_field(request_cls, "events")
-
-    def parse(data: bytes) -> Message | SalvagedBatch:
+    def parse(data: bytes) -> Message | Unparsed:
         try:
             return request_cls.FromString(data)
         except DecodeError:
-            fields = _fields(data)  # raises DecodeError again if the structure is broken
-        events: list[Event | None] = []
-        problems: dict[int, Problem] = {}
-        for f in fields:
-            if f.field_number != number or f.wire_type != _LENGTH_DELIMITED:
-                continue  # not a field of the request: protobuf skips unknown fields too
+            return Unparsed(data)
+
+    return parse
+
+
+def salvage_batch(data: bytes, max_events: int) -> SalvagedBatch:
+    """A batch request's events read one by one (field 1, ``events``): those that do not parse are
+    None, with their problem. Raises ``DecodeError`` when the request's structure itself is broken,
+    :class:`TooManyEvents` (before parsing any) when it holds more than ``max_events``."""
+    fields = [f for f in _fields(data) if f.field_number == 1 and f.wire_type == _LENGTH_DELIMITED]
+    if len(fields) > max_events:
+        raise TooManyEvents(len(fields))
+    events: list[Event | None] = []
+    problems: dict[int, Problem] = {}
+    for f in fields:
+        try:
+            events.append(Event.FromString(f.data))
+        except DecodeError:
+            problems[len(events)] = _problem(f.data)
+            events.append(None)
+    return SalvagedBatch(events, problems)
+
+
+def single_problem(data: bytes) -> Problem:
+    """Why a single-event request's ``event`` (field 1) does not parse. Raises ``DecodeError`` when
+    the request's structure itself is broken."""
+    # Repeated occurrences of a message field merge; the first that does not parse is named.
+    for f in _fields(data):
+        if f.field_number == 1 and f.wire_type == _LENGTH_DELIMITED:
             try:
-                events.append(Event.FromString(f.data))
+                Event.FromString(f.data)
             except DecodeError:
-                problems[len(events)] = _problem(f.data)
-                events.append(None)
-        return SalvagedBatch(events, problems, len(data))
-
-    return parse
-
-
-def single_parser(request_cls: type[Message]) -> Callable[[bytes], Any]:
-    """``request_cls.FromString``, or an :class:`UnreadableEvent` naming why its ``event`` does not parse."""
-    number = _only_field(request_cls, "event")
-
-    def parse(data: bytes) -> Message | UnreadableEvent:
-        try:
-            return request_cls.FromString(data)
-        except DecodeError:
-            fields = _fields(data)
-        # Repeated occurrences of a message field merge; the first that does not parse is named.
-        for f in fields:
-            if f.field_number == number and f.wire_type == _LENGTH_DELIMITED:
-                try:
-                    Event.FromString(f.data)
-                except DecodeError:
-                    return UnreadableEvent(_problem(f.data))
-        raise DecodeError(f"{request_cls.DESCRIPTOR.full_name} does not parse")
-
-    return parse
+                return _problem(f.data)
+    return Problem("", "not a valid event: it nests too deep")

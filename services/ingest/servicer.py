@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType, FieldViolation
 from parley.ingest.v1 import ingest_service_pb2 as pb
 from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
@@ -15,7 +16,7 @@ from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
 from services.common.context import current_workspace
 from services.common.errors import InvalidArgument
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
-from services.ingest.salvage import SalvagedBatch, UnreadableEvent
+from services.ingest.salvage import TooManyEvents, Unparsed, salvage_batch, single_problem
 
 MAX_BATCH_EVENTS = 1000
 # Stream messages being validated and forwarded at once.
@@ -55,8 +56,8 @@ class IngestServicer(IngestServiceServicer):
         self._max_batch_bytes = max_batch_bytes
 
     async def _single(self, request: Any, expected: EventType.ValueType) -> EventResult:
-        if isinstance(request, UnreadableEvent):
-            raise InvalidArgument.field(_SINGLE(0, _NO_EVENT, request.problem.field), request.problem.description)
+        if isinstance(request, Unparsed):
+            raise self._unparsed_single(request.data)
         event: Event = request.event
         if event.type == EventType.EVENT_TYPE_UNSPECIFIED:
             event.type = expected
@@ -87,33 +88,51 @@ class IngestServicer(IngestServiceServicer):
         if size > self._max_batch_bytes:
             raise InvalidArgument.field("events", f"batch is {size} bytes; the limit is {self._max_batch_bytes} bytes")
 
+    def _unparsed_single(self, data: bytes) -> InvalidArgument:
+        if len(data) <= self._max_batch_bytes:  # not worth reading again beyond that
+            try:
+                problem = single_problem(data)
+                return InvalidArgument.field(_SINGLE(0, _NO_EVENT, problem.field), problem.description)
+            except DecodeError:
+                pass
+        return InvalidArgument.field("event", "the request is not a valid message")
+
     def _batch(
         self,
-        request: pb.IngestBatchRequest | pb.IngestStreamRequest | SalvagedBatch,
+        request: pb.IngestBatchRequest | pb.IngestStreamRequest | Unparsed,
         *,
         base_index: int = 0,
         allow_empty: bool = False,
     ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None]:
         """A batch request's events, checked, and the violations of those that did not parse."""
-        if not isinstance(request, SalvagedBatch):
+        if not isinstance(request, Unparsed):
             self._check_batch(len(request.events), request.ByteSize(), allow_empty=allow_empty)
             return request.events, None
-        self._check_batch(len(request.events), request.byte_size, allow_empty=allow_empty)
+        # Read again event by event, within the limits a parsed batch has: size first.
+        self._check_batch(1, len(request.data))
+        try:
+            salvaged = salvage_batch(request.data, MAX_BATCH_EVENTS)
+        except TooManyEvents as exc:
+            self._check_batch(exc.count, len(request.data))
+            raise AssertionError("unreachable") from exc
+        except DecodeError as exc:
+            raise InvalidArgument.field("events", "the request is not a valid message") from exc
+        self._check_batch(len(salvaged.events), len(request.data), allow_empty=allow_empty)
         prior = {
             slot: [FieldViolation(field=_BATCH(base_index + slot, _NO_EVENT, p.field), description=p.description)]
-            for slot, p in request.problems.items()
+            for slot, p in salvaged.problems.items()
         }
-        return request.events, prior
+        return salvaged.events, prior
 
     async def IngestBatch(
-        self, request: pb.IngestBatchRequest | SalvagedBatch, context: grpc.aio.ServicerContext
+        self, request: pb.IngestBatchRequest | Unparsed, context: grpc.aio.ServicerContext
     ) -> pb.IngestBatchResponse:
         events, prior = self._batch(request)
         results = await self._ingestor.ingest(events, current_workspace(), _BATCH, prior=prior)
         return pb.IngestBatchResponse(results=results, **_counts(results))
 
     async def IngestStream(
-        self, request_iterator: AsyncIterator[pb.IngestStreamRequest | SalvagedBatch], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.IngestStreamRequest | Unparsed], context: grpc.aio.ServicerContext
     ) -> pb.IngestStreamResponse:
         workspace = current_workspace()
         # Messages are validated and forwarded while the next ones arrive (a few at a time,

@@ -13,7 +13,8 @@ from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
 from services.common.errors import field_violations
-from services.ingest.salvage import NOT_UTF8, Problem, SalvagedBatch, batch_parser, single_parser
+from services.ingest import servicer
+from services.ingest.salvage import NOT_UTF8, Problem, SalvagedBatch, TooManyEvents, Unparsed, parser, salvage_batch
 from tests.ingest.conftest import Stack, track
 
 ACCEPTED, REJECTED = EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_REJECTED
@@ -65,7 +66,11 @@ async def test_a_batch_event_that_does_not_parse_is_rejected_alone(
 
 
 def _why(field: str) -> str:
-    return NOT_UTF8 if field in ("user_id", "name") else "not a valid Struct: a string in it may not be UTF-8"
+    return (
+        NOT_UTF8
+        if field in ("user_id", "name")
+        else "not a valid Struct: a string in it is not UTF-8, or it nests too deep"
+    )
 
 
 async def test_a_stream_names_the_event_by_its_place_in_the_stream(stack: Stack) -> None:
@@ -100,12 +105,42 @@ async def test_a_request_whose_structure_is_broken_is_still_one_invalid_argument
 
 def test_parsers_read_good_requests_as_the_generated_code_does() -> None:
     request = pb.IngestBatchRequest(events=[track("A", user_id="u"), track("B", anonymous_id="a")])
-    assert batch_parser(pb.IngestBatchRequest)(request.SerializeToString()) == request
+    assert parser(pb.IngestBatchRequest, "events")(request.SerializeToString()) == request
     single = pb.TrackRequest(event=track("A", user_id="u"))
-    assert single_parser(pb.TrackRequest)(single.SerializeToString()) == single
-    salvaged = batch_parser(pb.IngestBatchRequest)(spoiled(pb.IngestBatchRequest(events=[track(MARK, user_id="u")])))
-    assert isinstance(salvaged, SalvagedBatch)
+    assert parser(pb.TrackRequest, "event")(single.SerializeToString()) == single
+    bad = spoiled(pb.IngestBatchRequest(events=[track(MARK, user_id="u")]))
+    # Nothing is read again in the parser, before the caller is authenticated.
+    assert parser(pb.IngestBatchRequest, "events")(bad) == Unparsed(bad)
+    salvaged = salvage_batch(bad, 1000)
     assert salvaged.events == [None] and salvaged.problems == {0: Problem("name", NOT_UTF8)}
+    with pytest.raises(TooManyEvents):
+        salvage_batch(b"\x0a\x00" * 1001 + bad, 1000)
+
+
+async def test_a_large_unparseable_request_is_not_read_again(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = servicer.salvage_batch
+
+    def counted(data: bytes, max_events: int) -> SalvagedBatch:
+        calls.append(len(data))
+        return real(data, max_events)
+
+    monkeypatch.setattr(servicer, "salvage_batch", counted)
+    bad = spoiled(pb.IngestBatchRequest(events=[track(MARK, user_id="u")]))
+    big = b"\x0a\x00" * 2_000_000 + bad  # 4 MB of empty events, then one that does not parse
+    call = raw_call(stack, "IngestBatch")
+    for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED), (stack.md, grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(big, metadata=metadata)
+        assert info.value.code() == code
+    assert [v.field for v in await field_violations(info.value)] == ["events"]
+    # Within the size limit but over the count: refused before any event is parsed.
+    many = b"\x0a\x00" * 1001 + bad
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(many, metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1002 events" in (info.value.details() or "")
+    assert calls == [len(many)]
 
 
 def _struct(value: dict[str, object]) -> Struct:
@@ -117,5 +152,5 @@ def _struct(value: dict[str, object]) -> Struct:
 def test_an_event_is_kept_whole_when_it_parses() -> None:
     event = Event(name="x", user_id="u")
     data = pb.IngestBatchRequest(events=[event, track(MARK, user_id="v")]).SerializeToString()
-    salvaged = batch_parser(pb.IngestBatchRequest)(data.replace(MARK.encode(), BAD))
-    assert isinstance(salvaged, SalvagedBatch) and salvaged.events[0] == event and salvaged.byte_size == len(data)
+    salvaged = salvage_batch(data.replace(MARK.encode(), BAD), 1000)
+    assert salvaged.events[0] == event and salvaged.events[1] is None
