@@ -100,7 +100,7 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         return f"{p} IS NULL"
     if op == "eq":
         equal = f"{p} = {bind(v, 'jsonb')}"
-        if any(key.isdigit() for key in cond.path):
+        if any(key.lstrip("-").isdigit() for key in cond.path):
             return equal  # the part may index an array, which a containment object cannot match
         # Containment lets the GIN index narrow the rows; the equality makes it exact.
         nested: Any = v

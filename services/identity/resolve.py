@@ -287,6 +287,7 @@ class _Resolver:
         into.identified = into.identified or gone.identified
         if gone.contact_id is not None:
             self.contact_users.add((gone.contact_id, into_key))
+        kept = into.contact_id
         if into.contact_id is None and gone.contact_id is not None:
             into.contact_id, into.phone, into.phone_time = gone.contact_id, gone.phone, gone.phone_time
             self.give_contact(into_key, gone.contact_id)
@@ -299,9 +300,18 @@ class _Resolver:
                 into.contact_id, into.phone, into.phone_time = gone.contact_id, gone.phone, gone.phone_time
             self.waiting_stored.setdefault(into_key, []).extend(self.waiting_stored.pop(gone_key, []))
             self.waiting_new.setdefault(into_key, []).extend(self.waiting_new.pop(gone_key, []))
-        if into.contact_id is not None:
-            # The joined person's traits are their current contact's, as on a first or new phone.
-            self.carry_traits(into, self.s.contacts[into.contact_id])
+        if into.contact_id is None:
+            return
+        contact = self.s.contacts[into.contact_id]
+        if into.contact_id == kept:
+            # The survivor keeps its contact: the joined user's traits come to it. The survivor's
+            # own are there already as far as they belong (a late identify with an older phone
+            # kept its traits on that phone's contact).
+            contact.dirty |= merge_stamped(contact.properties, contact.property_times, gone.traits, gone.trait_times)
+        else:
+            # The survivor takes the joined user's contact, as with a first or newer phone: all of
+            # the person's traits come with it.
+            self.carry_traits(into, contact)
 
     def user_for(self, e: Event) -> UserState | None:
         # Each field read once: a protobuf attribute read costs about as much as the check made with it.

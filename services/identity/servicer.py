@@ -34,6 +34,7 @@ from services.identity.tokens import (
     fingerprint,
     time_and_id,
     time_and_seq,
+    time_text,
 )
 
 MAX_BATCH_EVENTS = 1000
@@ -215,7 +216,7 @@ class IdentityServicer(IdentityServiceServicer):
         if len(rows) > size:
             rows = rows[:size]
             last = rows[-1]
-            token = encode_page_token(query, [getattr(last, order).isoformat(), str(last.id)])
+            token = encode_page_token(query, [time_text(getattr(last, order)), str(last.id)])
         return pb.ListContactsResponse(contacts=[contact_proto(r) for r in rows], next_page_token=token)
 
     async def ListContactEvents(
@@ -240,7 +241,7 @@ class IdentityServicer(IdentityServiceServicer):
         token = ""
         if len(rows) > size:
             rows = rows[:size]
-            token = encode_page_token(query, [rows[-1].event_time.isoformat(), rows[-1].seq])
+            token = encode_page_token(query, [time_text(rows[-1].event_time), rows[-1].seq])
         return pb.ListContactEventsResponse(events=[stored_event(r) for r in rows], next_page_token=token)
 
     async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:

@@ -51,6 +51,12 @@ def _aware_time(value: Any) -> datetime:
     return at.astimezone(UTC)  # OverflowError past the years a datetime holds
 
 
+def time_text(at: datetime) -> str:
+    """A position's time as a token holds it, always with its offset: asyncpg reads PostgreSQL's
+    infinite timestamps (what the largest and smallest datetimes are written as) without one."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).isoformat()
+
+
 def time_and_id(position: list[Any], field: str = "page_token") -> tuple[datetime, uuid.UUID]:
     """A (time, id) keyset position read back from a page token."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -123,6 +123,7 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
     # EQ on a path through a list's index agrees with NEQ on it.
     assert await who(flt("items.0", OP.FILTER_OPERATOR_EQ, "x")) == ["Num"]
     assert await who(flt("items.0", OP.FILTER_OPERATOR_NEQ, "x")) == ["Half", "Nested", "Text"]
+    assert await who(flt("items.-1", OP.FILTER_OPERATOR_EQ, "y")) == ["Num", "Text"]  # from the end
 
 
 async def test_list_contacts_orders_and_pages(identity: Identity, audience: tuple[Tenant, dict[str, str]]) -> None:
@@ -277,6 +278,24 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
         (ipb.GetUserRequest(anonymous_id="\x00"), "anonymous_id"),
     ):
         await _expect_invalid(s.GetUser, request, tenant.md, field)
+
+
+async def test_a_timeline_pages_past_an_event_at_the_largest_time(identity: Identity, tenant: Tenant) -> None:
+    # RecordEvents takes any valid time; the largest is stored as PostgreSQL's infinity, which
+    # asyncpg reads back without an offset. The token the server writes must still be its own.
+    user, phone = uid(), "+14155552673"
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    events = [identify({"phone": phone}, user_id=user, phone=phone, at=last), track(user_id=user, at=BASE_TIME)]
+    contact_id = (await identity.record(tenant, *events)).results[0].contact_id
+    first = await identity.stub.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact_id, page_size=1), metadata=tenant.md
+    )
+    assert [e.event.message_id for e in first.events] == [events[0].message_id] and first.next_page_token
+    rest = await identity.stub.ListContactEvents(
+        ipb.ListContactEventsRequest(contact_id=contact_id, page_size=1, page_token=first.next_page_token),
+        metadata=tenant.md,
+    )
+    assert [e.event.message_id for e in rest.events] == [events[1].message_id]
 
 
 def _edited(token: str, position: list[Any]) -> str:

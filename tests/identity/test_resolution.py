@@ -255,6 +255,20 @@ async def test_joining_users_brings_both_users_traits_to_the_contact(
     }
 
 
+async def test_a_join_brings_the_joined_users_traits_not_those_kept_on_an_older_contact(
+    identity: Identity, tenant: Tenant
+) -> None:
+    user, anon, old_phone, new_phone = uid(), uid("anon"), "+14155550104", "+14155550105"
+    t = BASE_TIME + timedelta(days=55)
+    await identity.record(tenant, identify({"name": "Di"}, user_id=user, phone=new_phone, at=t + timedelta(seconds=20)))
+    # Late and older: its traits stay on the old phone's contact.
+    await identity.record(tenant, identify({"vip": True}, user_id=user, phone=old_phone, at=t + timedelta(seconds=10)))
+    await identity.record(tenant, identify({"plan": "pro"}, anonymous_id=anon, at=t + timedelta(seconds=25)))
+    await identity.record(tenant, track(user_id=user, anonymous_id=anon, at=t + timedelta(seconds=30)))
+    assert await contact_properties(identity, tenant, new_phone) == {"phone": new_phone, "name": "Di", "plan": "pro"}
+    assert await contact_properties(identity, tenant, old_phone) == {"phone": old_phone, "vip": True}
+
+
 async def test_an_empty_or_null_phone_trait_leaves_the_contacts_phone_property(
     identity: Identity, tenant: Tenant
 ) -> None:
