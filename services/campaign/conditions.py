@@ -2,49 +2,69 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from parley.common.v1 import contact_pb2
 
-from services.campaign.template import lookup
-
 Op = contact_pb2.FilterOperator
 KNOWN_OPERATORS = frozenset(v for v in Op.values() if v != Op.FILTER_OPERATOR_UNSPECIFIED)
 VALUELESS = frozenset({Op.FILTER_OPERATOR_EXISTS, Op.FILTER_OPERATOR_NOT_EXISTS})
 
 
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
+_INDEX = re.compile(r"-?[0-9]+")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _cmp(a: Any, b: Any) -> int | None:
-    na, nb = _num(a), _num(b)
-    if na is not None and nb is not None:
-        return (na > nb) - (na < nb)
+    # Like identity's SQL: numbers with numbers, strings with strings; nothing else is ordered.
+    if _is_number(a) and _is_number(b):
+        return (a > b) - (a < b)
     if isinstance(a, str) and isinstance(b, str):
         return (a > b) - (a < b)
     return None
 
 
 def _eq(a: Any, b: Any) -> bool:
-    # JSON numbers arrive as floats: 3 == 3.0 holds in Python already.
+    """JSON equality, as jsonb's: 3 equals 3.0 (JSON numbers arrive as floats), true does not equal 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_eq(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def _at(data: Any, path: list[str]) -> Any:
+    """The value at a dotted path, as PostgreSQL's ``#>`` finds it: a key of an object, or an
+    integer (negative from the end) indexing a list; None when nothing is there."""
+    cur = data
+    for key in path:
+        if isinstance(cur, Mapping):
+            if key not in cur:
+                return None
+            cur = cur[key]
+        elif isinstance(cur, list):
+            if _INDEX.fullmatch(key) is None:
+                return None
+            index = int(key)
+            if not -len(cur) <= index < len(cur):
+                return None
+            cur = cur[index]
+        else:
+            return None
+    return cur
 
 
 def matches(f: contact_pb2.PropertyFilter, data: Mapping[str, Any]) -> bool:
     """Whether ``data`` (properties) meets the filter; a missing key meets only NOT_EXISTS/NEQ."""
-    actual = lookup(data, f.key.split(".")) if f.key else None
+    actual = _at(data, f.key.split(".")) if f.key else None
     want = json_format.MessageToDict(f.value) if f.HasField("value") else None
     op = f.operator
     if op == Op.FILTER_OPERATOR_EXISTS:
