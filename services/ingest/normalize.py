@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
@@ -41,6 +42,13 @@ KNOWN_TYPES = frozenset(
     )
 )
 _ID_FIELDS = ("message_id", "anonymous_id", "user_id", "previous_id", "group_id")
+
+# The most normalize_event (and a single-event RPC setting the type) adds to an event's serialized
+# size, with each field's tag and length: received_at and the event time (Timestamps, ≤ 19 bytes
+# each), a generated message_id (38), phone (≤ 18), its zone (≤ 40 for the longest IANA names),
+# the type (2), and the event's own length prefix growing (≤ 2): 138, doubled for safety. A
+# request's bytes plus this per event bound what ingest forwards without measuring each event.
+MAX_NORMALIZED_GROWTH = 256
 _CONTAINERS = frozenset({"struct_value", "list_value"})
 
 
@@ -69,10 +77,10 @@ _NUL_ONLY = (False, False, True)
 
 # Serialized context -> ((too deep, non-finite number, NUL), has a "traits" key), per max depth.
 _contexts: dict[int, dict[bytes, tuple[tuple[bool, bool, bool], bool]]] = {}
-# Only contexts this small are remembered (a library/device/page context is a few hundred
-# bytes to ~2 KiB), so the memory held is bounded: at most _MAX_CONTEXTS keys of this size,
-# ~40 MiB at worst. Larger ones are unusual and, keyed by their bytes, would let a sender
-# fill memory.
+# Contexts this small are remembered by their bytes (a library/device/page context is a few
+# hundred bytes to ~2 KiB), larger ones by a 128-bit digest, so the memory held is bounded: at
+# most _MAX_CONTEXTS keys of at most this size, ~40 MiB at worst. Keyed by their bytes, large
+# contexts would let a sender fill memory.
 _MAX_CACHED_CONTEXT_BYTES = 4 * 1024
 _MAX_CONTEXTS = 10_000
 
@@ -150,7 +158,9 @@ def _context_facts(context: Struct, max_depth: int) -> tuple[tuple[bool, bool, b
     context (library, device) rarely changes, and serializing it is cheaper than walking it."""
     data = context.SerializeToString()
     if len(data) > _MAX_CACHED_CONTEXT_BYTES:
-        return _struct_problems(context, max_depth), "traits" in context.fields
+        # Remembered by a digest: a few µs to hash against tens to walk (a mobile SDK's context
+        # carries the user's traits, often past the bound), and a small key whatever the size.
+        data = hashlib.blake2b(data, digest_size=16).digest()
     known_contexts = _contexts.get(max_depth)
     if known_contexts is None:
         known_contexts = _contexts[max_depth] = {}

@@ -10,7 +10,7 @@ from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldVio
 from services.common.context import Workspace
 from services.common.errors import Violation
 from services.ingest.forward import Forwarder
-from services.ingest.normalize import Limits, normalize_event
+from services.ingest.normalize import MAX_NORMALIZED_GROWTH, Limits, normalize_event
 
 # Plain ints: enum attribute lookups are slow on this hot path.
 _REJECTED = int(EventStatus.EVENT_STATUS_REJECTED)
@@ -53,6 +53,7 @@ class Ingestor:
         *,
         base_index: int = 0,
         prior: Mapping[int, Sequence[FieldViolation]] | None = None,
+        request_bytes: int | None = None,
     ) -> list[EventResult]:
         """One result per event, in order, after every accepted event is committed by identity.
 
@@ -62,6 +63,10 @@ class Ingestor:
         be reached; then no event is reported stored. The events went to identity in one call, which
         committed nothing, unless they were too many or too large for one: then the calls before
         the failed one stay committed, and a retry answers their events as ``DUPLICATE``.
+
+        ``request_bytes``, the serialized size of the request the events came in when the caller
+        knows it, bounds the forwarded size with ``MAX_NORMALIZED_GROWTH`` per event, so the
+        forwarder need not measure every event (a gRPC batch is far under a call's limit).
         """
         received = Timestamp()
         received.GetCurrentTime()
@@ -101,7 +106,8 @@ class Ingestor:
 
         # The forwarder cuts what one identity call cannot hold (events or bytes) into several
         # calls and answers once all of them committed: one result per forwarded event, in order.
-        committed = await self._forwarder.record(forward, workspace) if forward else []
+        size_bound = None if request_bytes is None else request_bytes + MAX_NORMALIZED_GROWTH * len(forward)
+        committed = await self._forwarder.record(forward, workspace, size_bound) if forward else []
         if len(forward) == len(events) and len(committed) == len(forward):
             # Every event was forwarded, in order: identity's results are the answer as they are.
             for slot, result in enumerate(committed, base_index):

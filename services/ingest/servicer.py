@@ -103,11 +103,12 @@ class IngestServicer(IngestServiceServicer):
         *,
         base_index: int = 0,
         allow_empty: bool = False,
-    ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None]:
-        """A batch request's events, checked, and the violations of those that did not parse."""
+    ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None, int]:
+        """A batch request's events, checked; the violations of those that did not parse; its bytes."""
         if not isinstance(request, Unparsed):
-            self._check_batch(len(request.events), request.ByteSize(), allow_empty=allow_empty)
-            return request.events, None
+            size = request.ByteSize()
+            self._check_batch(len(request.events), size, allow_empty=allow_empty)
+            return request.events, None, size
         # Read again event by event, within the limits a parsed batch has: size first.
         self._check_batch(1, len(request.data))
         try:
@@ -122,13 +123,13 @@ class IngestServicer(IngestServiceServicer):
             slot: [FieldViolation(field=_BATCH(base_index + slot, _NO_EVENT, p.field), description=p.description)]
             for slot, p in salvaged.problems.items()
         }
-        return salvaged.events, prior
+        return salvaged.events, prior, len(request.data)
 
     async def IngestBatch(
         self, request: pb.IngestBatchRequest | Unparsed, context: grpc.aio.ServicerContext
     ) -> pb.IngestBatchResponse:
-        events, prior = self._batch(request)
-        results = await self._ingestor.ingest(events, current_workspace(), _BATCH, prior=prior)
+        events, prior, size = self._batch(request)
+        results = await self._ingestor.ingest(events, current_workspace(), _BATCH, prior=prior, request_bytes=size)
         return pb.IngestBatchResponse(results=results, **_counts(results))
 
     async def IngestStream(
@@ -142,12 +143,14 @@ class IngestServicer(IngestServiceServicer):
         received = 0
         try:
             async for request in request_iterator:
-                events, prior = self._batch(request, base_index=received, allow_empty=True)
+                events, prior, size = self._batch(request, base_index=received, allow_empty=True)
                 if not events:
                     continue
                 pending.append(
                     asyncio.create_task(
-                        self._ingestor.ingest(events, workspace, _BATCH, base_index=received, prior=prior)
+                        self._ingestor.ingest(
+                            events, workspace, _BATCH, base_index=received, prior=prior, request_bytes=size
+                        )
                     )
                 )
                 received += len(events)

@@ -17,14 +17,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 import grpc
+import phonenumbers
 import pytest
-from parley.common.v1.event_pb2 import EventStatus
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
+from parley.identity.v1.identity_service_pb2 import RecordEventsRequest
 from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceStub
 from parley.ingest.v1 import ingest_service_pb2 as pb
+from phonenumbers import PhoneNumberType
 
 from services.common.clients import MAX_MESSAGE_BYTES
 from services.ingest.forward import MAX_FORWARD_BYTES, Forwarder
+from services.ingest.normalize import MAX_NORMALIZED_GROWTH, normalize_event
 from tests.ingest.conftest import Stack, StackFactory, struct, track
 
 ACCEPTED = EventStatus.EVENT_STATUS_ACCEPTED
@@ -250,3 +255,25 @@ async def test_a_request_over_identitys_message_limit_is_not_reported_as_unavail
     finally:
         forwarder._identity = real
         await small.close()
+
+
+def test_normalizing_adds_at_most_the_bound_the_forwarder_relies_on() -> None:
+    # A gRPC batch is forwarded without measuring each event: its request's bytes plus
+    # MAX_NORMALIZED_GROWTH per event must cover what normalization adds. Every region's example
+    # numbers (the longest zone names among them), no message id, and the latest valid times.
+    received = Timestamp(seconds=253402300799 - 86400, nanos=999_999_999)
+    latest = Timestamp(seconds=253402300799 - 86400, nanos=999_999_998)
+    worst = 0
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE):
+            number = phonenumbers.example_number_for_type(region, kind)
+            if number is None:
+                continue
+            phone = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+            event = Event(type=EventType.EVENT_TYPE_IDENTIFY, user_id="u", traits=struct({"phone": phone}))
+            event.original_timestamp.CopyFrom(latest)
+            before = pb.IngestBatchRequest(events=[event]).ByteSize()
+            assert not normalize_event(event, region, received)
+            assert event.phone == phone and event.message_id
+            worst = max(worst, RecordEventsRequest(events=[event]).ByteSize() - before)
+    assert 0 < worst <= MAX_NORMALIZED_GROWTH
