@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from parley.common.v1 import contact_pb2
 
+from services.common.numeric import LIST_INDEX, NUMERIC_TEXT
+
 Op = contact_pb2.FilterOperator
 KNOWN_OPERATORS = frozenset(v for v in Op.values() if v != Op.FILTER_OPERATOR_UNSPECIFIED)
 VALUELESS = frozenset({Op.FILTER_OPERATOR_EXISTS, Op.FILTER_OPERATOR_NOT_EXISTS})
-
-
-_INDEX = re.compile(r"-?[0-9]+")
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _cmp(a: Any, b: Any) -> int | None:
-    # Like identity's SQL: numbers with numbers, strings with strings; nothing else is ordered.
-    if _is_number(a) and _is_number(b):
-        return (a > b) - (a < b)
-    if isinstance(a, str) and isinstance(b, str):
-        return (a > b) - (a < b)
+def _number(v: Any) -> float | None:
+    """A JSON number, or a string that is a plain decimal number (event properties often carry
+    amounts as text); None for anything else."""
+    if _is_number(v):
+        return float(v)
+    if isinstance(v, str) and NUMERIC_TEXT.fullmatch(v):
+        return float(v)
+    return None
+
+
+def _cmp(actual: Any, want: Any) -> int | None:
+    # As identity's SQL orders: a number operand with numbers and numeric strings, a string
+    # operand with strings (lexically: ISO dates order correctly); nothing else is ordered.
+    if _is_number(want):
+        n = _number(actual)
+        return None if n is None else (n > want) - (n < want)
+    if isinstance(want, str) and isinstance(actual, str):
+        return (actual > want) - (actual < want)
     return None
 
 
@@ -41,39 +51,43 @@ def _eq(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+_MISSING = object()
+
+
 def _at(data: Any, path: list[str]) -> Any:
     """The value at a dotted path, as PostgreSQL's ``#>`` finds it: a key of an object, or an
-    integer (negative from the end) indexing a list; None when nothing is there."""
+    integer (negative from the end) indexing a list; ``_MISSING`` when nothing is there (a JSON
+    null is there)."""
     cur = data
     for key in path:
         if isinstance(cur, Mapping):
             if key not in cur:
-                return None
+                return _MISSING
             cur = cur[key]
         elif isinstance(cur, list):
-            if _INDEX.fullmatch(key) is None:
-                return None
+            if LIST_INDEX.fullmatch(key) is None:
+                return _MISSING
             index = int(key)
             if not -len(cur) <= index < len(cur):
-                return None
+                return _MISSING
             cur = cur[index]
         else:
-            return None
+            return _MISSING
     return cur
 
 
 def matches(f: contact_pb2.PropertyFilter, data: Mapping[str, Any]) -> bool:
     """Whether ``data`` (properties) meets the filter; a missing key meets only NOT_EXISTS/NEQ."""
-    actual = _at(data, f.key.split(".")) if f.key else None
+    actual = _at(data, f.key.split(".")) if f.key else _MISSING
     want = json_format.MessageToDict(f.value) if f.HasField("value") else None
     op = f.operator
     if op == Op.FILTER_OPERATOR_EXISTS:
-        return actual is not None
+        return actual is not _MISSING
     if op == Op.FILTER_OPERATOR_NOT_EXISTS:
-        return actual is None
+        return actual is _MISSING
     if op == Op.FILTER_OPERATOR_NEQ:
-        return actual is None or not _eq(actual, want)
-    if actual is None:
+        return actual is _MISSING or not _eq(actual, want)
+    if actual is _MISSING or actual is None:
         return False
     if op == Op.FILTER_OPERATOR_EQ:
         return _eq(actual, want)

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from services.common.numeric import LIST_INDEX, NUMERIC_TEXT_SQL
 from services.identity.filters import Condition
 from services.identity.tokens import Cursor
 
@@ -100,7 +101,7 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         return f"{p} IS NULL"
     if op == "eq":
         equal = f"{p} = {bind(v, 'jsonb')}"
-        if any(key.lstrip("-").isdigit() for key in cond.path):
+        if any(LIST_INDEX.fullmatch(key) for key in cond.path):
             return equal  # the part may index an array, which a containment object cannot match
         # Containment lets the GIN index narrow the rows; the equality makes it exact.
         nested: Any = v
@@ -114,7 +115,13 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
     if op in ("gt", "gte", "lt", "lte"):
         sym = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
         if isinstance(v, (int, float)):
-            return f"(CASE WHEN jsonb_typeof({p}) = 'number' THEN ({p})::numeric {sym} {bind(str(v), 'numeric')} END)"
+            x = bind(str(v), "numeric")
+            text = f"({p} #>> '{{}}')"
+            return (
+                f"(CASE jsonb_typeof({p}) WHEN 'number' THEN ({p})::numeric {sym} {x}"
+                f" WHEN 'string' THEN CASE WHEN {text} ~ {bind(NUMERIC_TEXT_SQL, 'text')}"
+                f" THEN {text}::numeric {sym} {x} END END)"
+            )
         return f"(CASE WHEN jsonb_typeof({p}) = 'string' THEN ({p} #>> '{{}}') {sym} {bind(v, 'text')} END)"
     if op == "contains":
         # A list holding the operand; a string holding it, case-insensitively, when it is a string.

@@ -62,21 +62,34 @@ def test_operators() -> None:
 
 
 def test_operators_mean_what_identitys_filters_mean() -> None:
-    # The same cases as tests/identity/test_reads.py runs through ListContacts' SQL.
-    props = {"age": "unknown", "num": "50", "room": "Room 30", "items": ["x", "y"], "flag": True, "one": 1}
-    assert not conditions.matches(_f("age", Op.FILTER_OPERATOR_GT, 40), props)  # a string is not ordered with 40
-    assert not conditions.matches(_f("num", Op.FILTER_OPERATOR_GT, 40), props)  # nor is a numeric one
-    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_GTE, "a"), props)
+    # The cases tests/identity/test_reads.py runs through ListContacts' SQL, evaluated here.
+    props = {
+        "age": "unknown",
+        "score": " 7.5e1 ",
+        "amount": "1500",
+        "room": "Room 30",
+        "items": ["x", "y"],
+        "flag": True,
+        "one": 1,
+        "deep": {"gone": None},
+    }
+    assert not conditions.matches(_f("age", Op.FILTER_OPERATOR_GT, 40), props)  # not a number
+    assert conditions.matches(_f("score", Op.FILTER_OPERATOR_GT, 40), props)  # a numeric string is
+    assert conditions.matches(_f("amount", Op.FILTER_OPERATOR_GTE, 1000), props)
+    assert conditions.matches(_f("age", Op.FILTER_OPERATOR_GTE, "a"), props)  # strings, lexically
+    assert not conditions.matches(_f("amount", Op.FILTER_OPERATOR_GT, "2"), props)  # "1500" < "2"
     assert not conditions.matches(_f("room", Op.FILTER_OPERATOR_CONTAINS, 30), props)
     assert conditions.matches(_f("items.0", Op.FILTER_OPERATOR_EQ, "x"), props)
     assert conditions.matches(_f("items.-1", Op.FILTER_OPERATOR_EQ, "y"), props)
+    assert conditions.matches(_f("items.+1", Op.FILTER_OPERATOR_EQ, "y"), props)
     assert not conditions.matches(_f("items.2", Op.FILTER_OPERATOR_EXISTS), props)
     assert conditions.matches(_f("items.2", Op.FILTER_OPERATOR_NEQ, "x"), props)
+    assert conditions.matches(_f("deep.gone", Op.FILTER_OPERATOR_EXISTS), props)  # a JSON null is there
+    assert not conditions.matches(_f("deep.other", Op.FILTER_OPERATOR_EXISTS), props)
     true = contact_pb2.PropertyFilter(key="one", operator=Op.FILTER_OPERATOR_EQ)
     true.value.bool_value = True
     assert not conditions.matches(true, props)  # JSON true is not 1
-    one = _f("flag", Op.FILTER_OPERATOR_IN, [1])
-    assert not conditions.matches(one, props)
+    assert not conditions.matches(_f("flag", Op.FILTER_OPERATOR_IN, [1]), props)
     assert conditions.matches(_f("one", Op.FILTER_OPERATOR_IN, [1.0, 2]), props)
 
 

@@ -98,7 +98,9 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
         ("+14155550013", {"first_name": "Nested", "age": 38, "tags": [], "pair": {"x": 1, "y": 2}}),
         ("+14155550014", {"first_name": "Half", "pair": {"x": 1}, "room": "untrue"}),
     ]
-    for phone, traits in people:
+    scores: list[object] = ["50", " 7.5e1 ", "abc", 10]  # numeric strings order with a number operand
+    for (phone, traits), score in zip(people, scores, strict=True):
+        traits = {**traits, "score": score, "deep": {"gone": None}}
         await identity.record(tenant, identify({"phone": phone, **traits}, user_id=uid(), phone=phone))
 
     async def who(*filters: PropertyFilter) -> list[str]:
@@ -108,6 +110,11 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
     assert await who(flt("age", OP.FILTER_OPERATOR_GT, 40)) == ["Num"]
     assert await who(flt("age", OP.FILTER_OPERATOR_LTE, 40)) == ["Nested"]
     assert await who(flt("age", OP.FILTER_OPERATOR_GTE, "a")) == ["Text"]
+    assert await who(flt("score", OP.FILTER_OPERATOR_GT, 40)) == ["Num", "Text"]
+    assert await who(flt("score", OP.FILTER_OPERATOR_LT, "b")) == ["Nested", "Num", "Text"]  # strings, lexically
+    # A JSON null is there; a missing key is not.
+    assert await who(flt("deep.gone", OP.FILTER_OPERATOR_EXISTS)) == ["Half", "Nested", "Num", "Text"]
+    assert await who(flt("deep.other", OP.FILTER_OPERATOR_EXISTS)) == []
     # CONTAINS: a substring of a string for a string operand; otherwise a member of a list.
     assert await who(flt("room", OP.FILTER_OPERATOR_CONTAINS, 30)) == []
     assert await who(flt("room", OP.FILTER_OPERATOR_CONTAINS, "room 3")) == ["Num"]
@@ -124,6 +131,7 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
     assert await who(flt("items.0", OP.FILTER_OPERATOR_EQ, "x")) == ["Num"]
     assert await who(flt("items.0", OP.FILTER_OPERATOR_NEQ, "x")) == ["Half", "Nested", "Text"]
     assert await who(flt("items.-1", OP.FILTER_OPERATOR_EQ, "y")) == ["Num", "Text"]  # from the end
+    assert await who(flt("items.+1", OP.FILTER_OPERATOR_EQ, "y")) == ["Num"]  # as PostgreSQL reads it
 
 
 async def test_list_contacts_orders_and_pages(identity: Identity, audience: tuple[Tenant, dict[str, str]]) -> None:
