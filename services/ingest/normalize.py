@@ -252,6 +252,19 @@ def _check_ids(event: Event, ids: list[str], max_id: int, out: list[Violation]) 
     return ids
 
 
+def _stamp(event: Event, field: str, ts: Timestamp, out: list[Violation]) -> tuple[bool, int | None]:
+    """(whether the client set ``field``, its epoch nanoseconds when it is a valid timestamp); a
+    violation added to ``out`` when it is set but not valid."""
+    seconds, nanos = ts.seconds, ts.nanos
+    # Presence is asked only of all-zero stamps: a set one at the epoch is still read.
+    if not (seconds or nanos or event.HasField(field)):
+        return False, None
+    if _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos < NANOS:
+        return True, seconds * NANOS + nanos
+    out.append(Violation(field, "not a valid timestamp"))
+    return True, None
+
+
 def _set_event_time(event: Event, received_at: Timestamp, out: list[Violation]) -> None:
     """Set ``received_at`` and the event time ``timestamp``; the timestamps' violations added to ``out``.
 
@@ -260,28 +273,10 @@ def _set_event_time(event: Event, received_at: Timestamp, out: list[Violation]) 
     before 2000, not more than 24 h after arrival) apply to the time the event is stored at: the
     skew-corrected one, or ``original_timestamp`` itself when there is no ``sent_at`` to correct it.
     """
-    has = event.HasField
     received = received_at.seconds * NANOS + received_at.nanos
     event.received_at.CopyFrom(received_at)
-    # Presence is asked only of all-zero stamps: a set one at the epoch is still read.
-    ts = event.original_timestamp
-    seconds, nanos = ts.seconds, ts.nanos
-    has_original = bool(seconds or nanos) or has("original_timestamp")
-    original: int | None = None
-    if has_original:
-        if _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos < NANOS:
-            original = seconds * NANOS + nanos
-        else:
-            out.append(Violation("original_timestamp", "not a valid timestamp"))
-    ts = event.sent_at
-    seconds, nanos = ts.seconds, ts.nanos
-    has_sent = bool(seconds or nanos) or has("sent_at")
-    sent: int | None = None
-    if has_sent:
-        if _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos < NANOS:
-            sent = seconds * NANOS + nanos
-        else:
-            out.append(Violation("sent_at", "not a valid timestamp"))
+    has_original, original = _stamp(event, "original_timestamp", event.original_timestamp, out)
+    has_sent, sent = _stamp(event, "sent_at", event.sent_at, out)
     if original is None:
         if not has_original:
             event.timestamp.CopyFrom(received_at)
