@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from google.protobuf import json_format
 from parley.common.v1 import contact_pb2
 
-from services.common.numeric import LIST_INDEX, NUMERIC_TEXT
+from services.common.numeric import LIST_INDEX, numeric_value
 
 Op = contact_pb2.FilterOperator
 KNOWN_OPERATORS = frozenset(v for v in Op.values() if v != Op.FILTER_OPERATOR_UNSPECIFIED)
@@ -19,13 +20,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _number(v: Any) -> float | None:
+def _number(v: Any) -> Decimal | None:
     """A JSON number, or a string that is a plain decimal number (event properties often carry
-    amounts as text); None for anything else."""
+    amounts as text), exactly, as PostgreSQL's numeric reads them; None for anything else."""
     if _is_number(v):
-        return float(v)
-    if isinstance(v, str) and NUMERIC_TEXT.fullmatch(v):
-        return float(v)
+        return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
+    if isinstance(v, str):
+        return numeric_value(v)
     return None
 
 
@@ -33,8 +34,8 @@ def _cmp(actual: Any, want: Any) -> int | None:
     # As identity's SQL orders: a number operand with numbers and numeric strings, a string
     # operand with strings (lexically: ISO dates order correctly); nothing else is ordered.
     if _is_number(want):
-        n = _number(actual)
-        return None if n is None else (n > want) - (n < want)
+        a, w = _number(actual), _number(want)
+        return None if a is None or w is None else (a > w) - (a < w)
     if isinstance(want, str) and isinstance(actual, str):
         return (actual > want) - (actual < want)
     return None

@@ -103,8 +103,9 @@ class IngestServicer(IngestServiceServicer):
         *,
         base_index: int = 0,
         allow_empty: bool = False,
-    ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None, int]:
-        """A batch request's events, checked; the violations of those that did not parse; its bytes."""
+    ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None, int | None]:
+        """A batch request's events, checked; the violations of those that did not parse; its bytes,
+        as re-encoded, when they bound what is forwarded."""
         if not isinstance(request, Unparsed):
             size = request.ByteSize()
             self._check_batch(len(request.events), size, allow_empty=allow_empty)
@@ -123,7 +124,9 @@ class IngestServicer(IngestServiceServicer):
             slot: [FieldViolation(field=_BATCH(base_index + slot, _NO_EVENT, p.field), description=p.description)]
             for slot, p in salvaged.problems.items()
         }
-        return salvaged.events, prior, len(request.data)
+        # No bound for the forwarder from these bytes: re-encoded, events can come out larger
+        # than they were sent (a map entry sent without its key and value); it measures them.
+        return salvaged.events, prior, None
 
     async def IngestBatch(
         self, request: pb.IngestBatchRequest | Unparsed, context: grpc.aio.ServicerContext

@@ -93,6 +93,19 @@ def test_operators_mean_what_identitys_filters_mean() -> None:
     assert conditions.matches(_f("one", Op.FILTER_OPERATOR_IN, [1.0, 2]), props)
 
 
+def test_ordering_is_exact_and_never_raises_on_odd_text() -> None:
+    # Exact, as PostgreSQL's numeric compares (a float would make these equal).
+    assert conditions.matches(_f("n", Op.FILTER_OPERATOR_GT, 9007199254740992), {"n": "9007199254740993"})
+    assert conditions.matches(_f("n", Op.FILTER_OPERATOR_GT, 0), {"n": "1e-999"})
+    # Spaces other than ASCII ones, which neither Decimal nor numeric read, make no number; a
+    # condition is false, never an error (one event must not stop the engine).
+    for odd in ("\x1c1500", "1500\u00a0", "\u20031500", "1500\u3000", "nan", "inf", "1_500", "\u0661"):
+        assert not conditions.matches(_f("n", Op.FILTER_OPERATOR_GTE, 1), {"n": odd})
+    assert conditions.matches(_f("n", Op.FILTER_OPERATOR_GTE, 1), {"n": " \t1500\n"})
+    for key in ("items.\x1c1", "items.\u00a01"):
+        assert not conditions.matches(_f(key, Op.FILTER_OPERATOR_EXISTS), {"items": ["x", "y"]})
+
+
 def test_wait_until_next_allowed_weekday() -> None:
     tz = ZoneInfo("America/Chicago")
     friday_noon = datetime(2026, 11, 27, 12, 0, tzinfo=tz)  # a Friday

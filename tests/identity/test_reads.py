@@ -132,6 +132,12 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
     assert await who(flt("items.0", OP.FILTER_OPERATOR_NEQ, "x")) == ["Half", "Nested", "Text"]
     assert await who(flt("items.-1", OP.FILTER_OPERATOR_EQ, "y")) == ["Num", "Text"]  # from the end
     assert await who(flt("items.+1", OP.FILTER_OPERATOR_EQ, "y")) == ["Num"]  # as PostgreSQL reads it
+    # Text that PostgreSQL's numeric would refuse is no number: no match, never an error.
+    for odd in ("\u20031500", "1500\u3000", "1500\u2028", "\x1c1500", "0." + "0" * 16_400 + "1", "NaN"):
+        phone = "+14155550019"
+        odd_traits = {"phone": phone, "first_name": "Odd", "odd": odd}
+        await identity.record(tenant, identify(odd_traits, user_id=uid(), phone=phone))
+        assert await who(flt("odd", OP.FILTER_OPERATOR_GTE, 0)) == []
 
 
 async def test_list_contacts_orders_and_pages(identity: Identity, audience: tuple[Tenant, dict[str, str]]) -> None:

@@ -154,3 +154,13 @@ def test_an_event_is_kept_whole_when_it_parses() -> None:
     data = pb.IngestBatchRequest(events=[event, track(MARK, user_id="v")]).SerializeToString()
     salvaged = salvage_batch(data.replace(MARK.encode(), BAD), 1000)
     assert salvaged.events[0] == event and salvaged.events[1] is None
+
+
+def test_a_salvaged_batch_gives_no_size_bound() -> None:
+    # Re-encoded, events can come out larger than the bytes they were read from: the forwarder
+    # measures a salvaged batch's events instead of trusting the request's length.
+    data = spoiled(pb.IngestBatchRequest(events=[track("A", user_id="u"), track(MARK, user_id="v")]))
+    events, prior, size = servicer.IngestServicer(None, 500_000)._batch(Unparsed(data))  # type: ignore[arg-type]
+    assert [e is None for e in events] == [False, True] and prior and size is None
+    request = pb.IngestBatchRequest(events=[track("A", user_id="u")])
+    assert servicer.IngestServicer(None, 500_000)._batch(request)[2] == request.ByteSize()  # type: ignore[arg-type]
