@@ -24,7 +24,6 @@ from services.common.server import Runtime
 from services.common.tenancy import KeyVerifier
 from services.ingest.pipeline import Ingestor, Namer
 from services.ingest.segment import from_regal, from_segment, json_field, parse_time
-from services.ingest.servicer import MAX_BATCH_EVENTS
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +31,9 @@ _CHUNK = 64 * 1024
 # JSON bodies; text/plain is what browsers' sendBeacon uses to avoid a CORS preflight.
 _CONTENT_TYPES = frozenset({"application/json", "text/plain"})
 _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
+# Messages per /v1/batch body: Segment's documented limit (its SDKs batch up to it). More than one
+# RecordEvents call's worth is forwarded in several calls (forward.py).
+MAX_BATCH_MESSAGES = 2500
 # Violations listed in one answer; the rest are counted (``error_count``). Up to 1,000 events
 # with several violations each would otherwise make the error answer larger than the request.
 MAX_LISTED_ERRORS = 100
@@ -186,14 +188,14 @@ class HttpIngest:
         items = payload.get("batch")
         if not isinstance(items, list) or not items:
             raise HttpError(400, "invalid_batch", "batch must be a non-empty array of messages", field="batch")
-        if len(items) > MAX_BATCH_EVENTS:
+        if len(items) > MAX_BATCH_MESSAGES:
             # Before any per-item work: a body of tiny items would otherwise cost seconds of CPU.
             raise HttpError(
                 400,
                 "invalid_batch",
-                f"batch has {len(items)} messages; the limit is {MAX_BATCH_EVENTS} per request",
+                f"batch has {len(items)} messages; the limit is {MAX_BATCH_MESSAGES} per request",
                 field="batch",
-                limit=MAX_BATCH_EVENTS,
+                limit=MAX_BATCH_MESSAGES,
             )
         ctx = payload.get("context") if isinstance(payload.get("context"), dict) else None
         integrations = payload.get("integrations") if isinstance(payload.get("integrations"), dict) else None
@@ -310,7 +312,11 @@ def build_app(ingestor: Ingestor, verifier: KeyVerifier, max_body_bytes: int) ->
     routes: list[tuple[str, Callable[[web.Request], Awaitable[web.Response]]]] = [
         ("/v1/batch", handlers.batch),
         ("/v1/import", handlers.batch),
+        # The short paths Segment's current SDKs post to: analytics.js one event at a time to
+        # /v1/<first letter of the type>, its batching mode and the mobile SDKs to /v1/b.
+        ("/v1/b", handlers.batch),
         *((f"/v1/{kind}", handlers.single(kind)) for kind in _SINGLE_KINDS),
+        *((f"/v1/{kind[0]}", handlers.single(kind)) for kind in _SINGLE_KINDS),
         ("/events", handlers.regal),
     ]
     for path, handler in routes:

@@ -35,6 +35,9 @@ _JSON_NAMES = {
 }
 
 
+_CATEGORIZED = (EventType.EVENT_TYPE_PAGE, EventType.EVENT_TYPE_SCREEN)
+
+
 def json_field(event: Event, field: str) -> str:
     """The Segment name of an event field path (``user_id`` -> ``userId``; a track's name is ``event``)."""
     if field == "name" and event.type == EventType.EVENT_TYPE_TRACK:
@@ -169,7 +172,8 @@ def from_segment(
         # contact properties (nor make the group's phone a contact).
         properties = {**traits, **properties}
         traits = {}
-    elif event.type == EventType.EVENT_TYPE_PAGE and "category" in item and "category" not in properties:
+    elif event.type in _CATEGORIZED and "category" in item and "category" not in properties:
+        # Segment's SDKs send a page's or screen's category at the top level.
         properties = {**properties, "category": item["category"]}
     r.struct("properties", event.properties, properties)
     r.struct("traits", event.traits, traits)

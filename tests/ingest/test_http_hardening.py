@@ -12,8 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.ingest.http import MAX_LISTED_ERRORS
-from services.ingest.servicer import MAX_BATCH_EVENTS
+from services.ingest.http import MAX_BATCH_MESSAGES, MAX_LISTED_ERRORS
 from tests.ingest.conftest import Stack
 from tests.ingest.test_http import basic, events_of, uid
 
@@ -90,12 +89,12 @@ async def test_too_many_items_are_refused_before_any_item_is_read(stack: Stack, 
     status, answer = await post_raw(http, stack.http_url + "/v1/batch", raw, basic(stack.key))
     assert time.perf_counter() - started < 10
     assert (status, answer["code"], answer["field"]) == (400, "invalid_batch", "batch")
-    assert str(count) in answer["message"] and str(MAX_BATCH_EVENTS) in answer["message"]
+    assert str(count) in answer["message"] and str(MAX_BATCH_MESSAGES) in answer["message"]
 
 
 async def test_the_item_limit_is_inclusive(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
-    items = [{"type": "track", "userId": user, "event": "E"} for _ in range(MAX_BATCH_EVENTS)]
+    items = [{"type": "track", "userId": user, "event": "E"} for _ in range(MAX_BATCH_MESSAGES)]
     status, answer = await post_raw(
         http, stack.http_url + "/v1/batch", json.dumps({"batch": items}).encode(), basic(stack.key)
     )
@@ -109,15 +108,15 @@ async def test_the_item_limit_is_inclusive(stack: Stack, http: aiohttp.ClientSes
 
 async def test_the_error_list_is_capped_and_counted(stack: Stack, http: aiohttp.ClientSession) -> None:
     user = uid()
-    items: list[Any] = [0] * (MAX_BATCH_EVENTS - 1) + [{"type": "track", "userId": user, "event": "Good"}]
+    items: list[Any] = [0] * (MAX_BATCH_MESSAGES - 1) + [{"type": "track", "userId": user, "event": "Good"}]
     status, answer = await post_raw(
         http, stack.http_url + "/v1/batch", json.dumps({"batch": items}).encode(), basic(stack.key)
     )
     assert (status, answer["code"]) == (400, "invalid_events")
     assert len(answer["errors"]) == MAX_LISTED_ERRORS
     assert [e["index"] for e in answer["errors"]] == list(range(MAX_LISTED_ERRORS))  # the first ones
-    assert answer["error_count"] == MAX_BATCH_EVENTS - 1
-    assert (answer["accepted"], answer["rejected"]) == (1, MAX_BATCH_EVENTS - 1)
+    assert answer["error_count"] == MAX_BATCH_MESSAGES - 1
+    assert (answer["accepted"], answer["rejected"]) == (1, MAX_BATCH_MESSAGES - 1)
     assert [e.event.name for e in await events_of(stack, user)] == ["Good"]
 
 
