@@ -10,11 +10,9 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from itertools import islice
 from typing import Any
 
-import orjson
 import structlog
 from aiohttp import web
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldViolation
@@ -36,20 +34,6 @@ _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
 # Messages per /v1/batch body: Segment's documented limit (its SDKs batch up to it). More than one
 # RecordEvents call's worth is forwarded in several calls (forward.py).
 MAX_BATCH_MESSAGES = 2500
-# How much larger than its JSON a message's protobuf form can be: a Struct holds every number as
-# an 8-byte double in a wrapper, so a list of small integers ("1,": 2 bytes) takes 11 bytes a
-# number, ~5.5 times; strings and objects take about what their JSON does.
-PROTOBUF_EXPANSION = 6
-
-
-def _json_bytes(item: Any) -> int:
-    """The size of a message as compact JSON, as Segment's SDKs measure it before sending."""
-    try:
-        return len(orjson.dumps(item))
-    except TypeError:  # integers beyond 64 bits and lone surrogates, which orjson does not write
-        return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
-
-
 # Violations listed in one answer; the rest are counted (``error_count``). Up to 1,000 events
 # with several violations each would otherwise make the error answer larger than the request.
 MAX_LISTED_ERRORS = 100
@@ -155,16 +139,6 @@ class HttpIngest:
         self._ingestor = ingestor
         self._verifier = verifier
         self._max_body = max_body_bytes
-        # A message is held to max_event_bytes as JSON, as Segment's API and SDKs measure it; its
-        # protobuf form, which can be larger, to PROTOBUF_EXPANSION times that.
-        self._max_message = ingestor.limits.max_event_bytes
-        self._limits = replace(ingestor.limits, max_event_bytes=self._max_message * PROTOBUF_EXPANSION)
-
-    def _message_size(self, item: Any, violations: list[Violation]) -> None:
-        """A violation on the message when its JSON is over the limit."""
-        size = _json_bytes(item)
-        if size > self._max_message:
-            violations.append(Violation("", f"message is {size} bytes of JSON; the limit is {self._max_message} bytes"))
 
     async def _authenticate(self, key: str | None) -> Workspace:
         if not key:
@@ -206,7 +180,7 @@ class HttpIngest:
         namer: Namer,
         prior: dict[int, list[FieldViolation]],
     ) -> web.Response:
-        results = await self._ingestor.ingest(events, workspace, namer, prior=prior, limits=self._limits)
+        results = await self._ingestor.ingest(events, workspace, namer, prior=prior)
         return _answer(results)
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -239,7 +213,6 @@ class HttpIngest:
             event, violations = from_segment(
                 item, batch_context=ctx, batch_integrations=integrations, batch_sent_at=sent_at
             )
-            self._message_size(item, violations)
             events.append(event)
             if violations:
                 prior[index] = _named(namer, index, violations)
@@ -250,7 +223,6 @@ class HttpIngest:
             workspace, payload = await self._payload(request)
             namer = _namer("")
             event, violations = from_segment(payload, kind=kind)
-            self._message_size(payload, violations)
             return await self._store(workspace, [event], namer, {0: _named(namer, 0, violations)} if violations else {})
 
         return handle
@@ -259,7 +231,6 @@ class HttpIngest:
         workspace, payload = await self._payload(request)
         namer = _namer("", lambda f: "name" if f == "event" else f)
         event, violations = from_regal(payload)
-        self._message_size(payload, violations)
         return await self._store(workspace, [event], namer, {0: _named(namer, 0, violations)} if violations else {})
 
 

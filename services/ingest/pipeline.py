@@ -54,7 +54,6 @@ class Ingestor:
         base_index: int = 0,
         prior: Mapping[int, Sequence[FieldViolation]] | None = None,
         request_bytes: int | None = None,
-        limits: Limits | None = None,
     ) -> list[EventResult]:
         """One result per event, in order, after every accepted event is committed by identity.
 
@@ -68,12 +67,11 @@ class Ingestor:
         ``request_bytes``, the serialized size of the request the events came in when the caller
         knows it, bounds the forwarded size with ``MAX_NORMALIZED_GROWTH`` per event, so the
         forwarder need not measure every event (a gRPC batch is far under a call's limit).
-        ``limits`` replaces the ingestor's own for this call (the HTTP API's, see http.py).
         """
         received = Timestamp()
         received.GetCurrentTime()
         region = workspace.default_region or "US"
-        limits = limits or self.limits
+        limits = self.limits
         results: list[EventResult | None] = [None] * len(events)
         forward: list[Event] = []
         forward_slots: list[int] = []

@@ -63,26 +63,3 @@ async def test_mobile_batches_to_v1_b_are_stored(stack: Stack, http: aiohttp.Cli
     assert set(stored) == {EventType.EVENT_TYPE_SCREEN, EventType.EVENT_TYPE_TRACK}
     # A screen's category comes at the top level, as a page's does: kept in its properties.
     assert dict(stored[EventType.EVENT_TYPE_SCREEN].properties) == {"step": 1.0, "category": "Onboarding"}
-
-
-async def test_a_message_is_held_to_32_kib_of_json_as_segment_measures_it(
-    stack: Stack, http: aiohttp.ClientSession
-) -> None:
-    # 31 KB of JSON, ~36 KB as protobuf (a Struct holds each number as an 8-byte double): the
-    # SDKs accept it, so it is stored.
-    user = uid()
-    products = [{"id": f"p-{i}", "price": i, "quantity": 1} for i in range(600)]
-    message = {"type": "track", "event": "Order Completed", "userId": user, "properties": {"products": products}}
-    assert 24_000 < len(json.dumps(message)) < 32 * 1024
-    assert await send(http, stack.http_url + "/v1/track", {**message, "writeKey": stack.key}) == 200
-    [stored] = await events_of(stack, user)
-    assert stored.event.ByteSize() > 32 * 1024
-    # Over 32 KiB of JSON: refused, naming the message, in a batch the others stored.
-    big = {**message, "properties": {"products": products * 2}}
-    ok = {"type": "track", "event": "Small", "userId": user}
-    async with http.post(stack.http_url + "/v1/batch", json={"batch": [big, ok], "writeKey": stack.key}) as resp:
-        answer = await resp.json()
-    assert resp.status == 400
-    assert [(e["index"], e["field"]) for e in answer["errors"]] == [(0, "batch[0]")]
-    assert "bytes of JSON" in answer["errors"][0]["description"]
-    assert sorted(e.event.name for e in await events_of(stack, user)) == ["Order Completed", "Small"]
