@@ -175,6 +175,24 @@ class EventRow:
     xid: int = 0
 
 
+# The most event payload one response carries, whatever the page size asked: a page of 1,000
+# events of up to 32 KiB each would pass gRPC's 16 MiB message limit, and the call would fail
+# (for a stream subscriber, again on every reconnect to the same cursor).
+MAX_PAGE_PAYLOAD_BYTES = 8 * 1024 * 1024
+
+
+def within_payload_budget(rows: list[EventRow], budget: int | None = None) -> list[EventRow]:
+    """The longest prefix of ``rows`` whose payloads fit ``budget`` bytes (``MAX_PAGE_PAYLOAD_BYTES``);
+    at least one row."""
+    budget = MAX_PAGE_PAYLOAD_BYTES if budget is None else budget
+    total = 0
+    for i, row in enumerate(rows):
+        total += len(row.payload)
+        if total > budget and i > 0:
+            return rows[:i]
+    return rows
+
+
 def _event(r: asyncpg.Record, contact_column: str = "contact_id") -> EventRow:
     return EventRow(
         workspace_id=r["workspace_id"],

@@ -239,10 +239,10 @@ class IdentityServicer(IdentityServiceServicer):
         if not exists:
             raise NotFound("no such contact in this workspace")
         token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_page_token(query, [time_text(rows[-1].event_time), rows[-1].seq])
-        return pb.ListContactEventsResponse(events=[stored_event(r) for r in rows], next_page_token=token)
+        page = repository.within_payload_budget(rows[:size])
+        if len(page) < len(rows):
+            token = encode_page_token(query, [time_text(page[-1].event_time), page[-1].seq])
+        return pb.ListContactEventsResponse(events=[stored_event(r) for r in page], next_page_token=token)
 
     async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
         workspace = current_workspace()
@@ -269,7 +269,8 @@ class IdentityServicer(IdentityServiceServicer):
                 traits=_struct(user.traits),
                 phone=user.phone or "",
             ),
-            events=[stored_event(r) for r in events],
+            # Newest first, up to event_limit and the payload budget of one response.
+            events=[stored_event(r) for r in repository.within_payload_budget(events)],
         )
 
     async def SubscribeEvents(

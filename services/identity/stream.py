@@ -75,6 +75,8 @@ async def follow(
         seen = hub.generation
         async with reads.connection() as conn:
             rows, held_back = await repository.stream_page(conn, workspace_id, cursor, batch_size)
+        # A prefix of the page: the cursor moves to its last row, and the next page goes on from there.
+        rows = repository.within_payload_budget(rows)
         if rows:
             cursor = Cursor(rows[-1].xid, rows[-1].seq)
             yield rows, cursor

@@ -187,3 +187,40 @@ async def test_bad_cursor_and_batch_size(identity: Identity, tenant: Tenant) -> 
             await asyncio.wait_for(call.read(), HANG_GUARD)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in await field_violations(info.value)] == [field]
+
+
+async def test_pages_of_large_events_stay_under_the_payload_budget(
+    identity: Identity, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A page of up to 1,000 events of up to 32 KiB each would pass gRPC's 16 MiB message limit:
+    # pages end at the payload budget (made small here), and paging goes on from there.
+    monkeypatch.setattr(repository, "MAX_PAGE_PAYLOAD_BYTES", 10_000)
+    user, phone = uid(), "+14155550155"
+    events = [identify({"phone": phone}, user_id=user, phone=phone)]
+    events += [track(f"Big{i}", user_id=user, properties={"blob": "x" * 3_000}) for i in range(9)]
+    contact_id = (await identity.record(tenant, *events)).results[0].contact_id
+    call = subscribe(identity, tenant.md, batch_size=1000)
+    seen: list[str] = []
+    sizes: list[int] = []
+    while len(seen) < len(events):
+        response = await asyncio.wait_for(call.read(), HANG_GUARD)
+        sizes.append(len(response.events))
+        seen.extend(e.event.message_id for e in response.events if e.event.user_id == user)
+    call.cancel()
+    assert sorted(seen) == sorted(e.message_id for e in events)
+    assert max(sizes) <= 4 and len(sizes) >= 3  # ~3 KB each: at most three over 10,000 bytes, plus one
+    timeline: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        got = await identity.stub.ListContactEvents(
+            ipb.ListContactEventsRequest(contact_id=contact_id, page_size=1000, page_token=token), metadata=tenant.md
+        )
+        timeline.extend(e.event.message_id for e in got.events)
+        pages += 1
+        if not (token := got.next_page_token):
+            break
+    assert sorted(timeline) == sorted(e.message_id for e in events) and pages >= 3
+    assert len(set(timeline)) == len(timeline)
+    user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user, event_limit=1000), metadata=tenant.md)
+    assert 1 <= len(user_view.events) < len(events)  # the newest, within one response's budget
