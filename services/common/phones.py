@@ -77,10 +77,6 @@ def e164_and_zone(raw: str, region: str) -> tuple[str, str] | None:
     return None if len(raw) > MAX_PHONE_CHARS else _cached_e164_and_zone(raw, region)
 
 
-# ``__wrapped__`` is the uncached parse, as under a plain lru_cache (tests compare it with the plain calls).
-functools.update_wrapper(e164_and_zone, _e164_and_zone, assigned=(), updated=())
-
-
 def _known_zone(zones: Sequence[str], default: str) -> str:
     for zone in zones:
         if zone != phone_timezone.UNKNOWN_TIMEZONE:

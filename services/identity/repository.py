@@ -181,14 +181,12 @@ class EventRow:
 MAX_PAGE_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 
-def within_payload_budget(rows: list[EventRow], budget: int | None = None) -> list[EventRow]:
-    """The longest prefix of ``rows`` whose payloads fit ``budget`` bytes (``MAX_PAGE_PAYLOAD_BYTES``);
-    at least one row."""
-    budget = MAX_PAGE_PAYLOAD_BYTES if budget is None else budget
+def within_payload_budget(rows: list[EventRow]) -> list[EventRow]:
+    """The longest prefix of ``rows`` whose payloads fit ``MAX_PAGE_PAYLOAD_BYTES``; at least one row."""
     total = 0
     for i, row in enumerate(rows):
         total += len(row.payload)
-        if total > budget and i > 0:
+        if total > MAX_PAGE_PAYLOAD_BYTES and i > 0:
             return rows[:i]
     return rows
 

@@ -34,7 +34,7 @@ _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
 # Messages per /v1/batch body: Segment's documented limit (its SDKs batch up to it). More than one
 # RecordEvents call's worth is forwarded in several calls (forward.py).
 MAX_BATCH_MESSAGES = 2500
-# Violations listed in one answer; the rest are counted (``error_count``). Up to 1,000 events
+# Violations listed in one answer; the rest are counted (``error_count``). Up to 2,500 messages
 # with several violations each would otherwise make the error answer larger than the request.
 MAX_LISTED_ERRORS = 100
 # CORS: browser SDKs (analytics.js sends with fetch) post from the customer's site. The write

@@ -23,6 +23,8 @@ from parley.common.v1.event_pb2 import Event
 _LENGTH_DELIMITED = 2
 _EVENT_FIELDS = Event.DESCRIPTOR.fields_by_number
 NOT_UTF8 = "not valid UTF-8 (protobuf string fields must be)"
+# An event that parses alone but not inside its request: protobuf's nesting limit counts the request.
+_TOO_DEEP = "not a valid event: it nests too deep"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +49,6 @@ class SalvagedBatch:
 
     events: list[Event | None]
     problems: dict[int, Problem]
-
-
-class TooManyEvents(Exception):
-    def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.count = count
 
 
 def _fields(data: bytes) -> UnknownFieldSet:
@@ -81,7 +77,7 @@ def _problem(data: bytes) -> Problem:
                 return Problem(
                     fd.name, f"not a valid {fd.message_type.name}: a string in it is not UTF-8, or it nests too deep"
                 )
-    return Problem("", "not a valid event: it nests too deep")
+    return Problem("", _TOO_DEEP)
 
 
 def _only_field(request_cls: type[Message], name: str) -> int:
@@ -107,22 +103,24 @@ def parser(request_cls: type[Message], field: str) -> Callable[[bytes], Any]:
     return parse
 
 
-def salvage_batch(data: bytes, max_events: int) -> SalvagedBatch:
-    """A batch request's events read one by one (field 1, ``events``): those that do not parse are
-    None, with their problem. Raises ``DecodeError`` when the request's structure itself is broken,
-    :class:`TooManyEvents` (before parsing any) when it holds more than ``max_events``."""
-    fields = [f for f in _fields(data) if f.field_number == 1 and f.wire_type == _LENGTH_DELIMITED]
-    if len(fields) > max_events:
-        raise TooManyEvents(len(fields))
-    events: list[Event | None] = []
+def batch_events(data: bytes) -> list[bytes]:
+    """A batch request's events (field 1, ``events``) as bytes, unparsed: cheap, so the caller can
+    check their number before any is parsed. Raises ``DecodeError`` when the request's structure
+    itself is broken."""
+    return [f.data for f in _fields(data) if f.field_number == 1 and f.wire_type == _LENGTH_DELIMITED]
+
+
+def salvage_batch(events: list[bytes]) -> SalvagedBatch:
+    """Each event parsed on its own (``batch_events``): those that do not parse are None, with their problem."""
+    parsed: list[Event | None] = []
     problems: dict[int, Problem] = {}
-    for f in fields:
+    for data in events:
         try:
-            events.append(Event.FromString(f.data))
+            parsed.append(Event.FromString(data))
         except DecodeError:
-            problems[len(events)] = _problem(f.data)
-            events.append(None)
-    return SalvagedBatch(events, problems)
+            problems[len(parsed)] = _problem(data)
+            parsed.append(None)
+    return SalvagedBatch(parsed, problems)
 
 
 def single_problem(data: bytes) -> Problem:
@@ -135,4 +133,4 @@ def single_problem(data: bytes) -> Problem:
                 Event.FromString(f.data)
             except DecodeError:
                 return _problem(f.data)
-    return Problem("", "not a valid event: it nests too deep")
+    return Problem("", _TOO_DEEP)

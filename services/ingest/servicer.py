@@ -16,7 +16,7 @@ from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
 from services.common.context import current_workspace
 from services.common.errors import InvalidArgument
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
-from services.ingest.salvage import TooManyEvents, Unparsed, salvage_batch, single_problem
+from services.ingest.salvage import Unparsed, batch_events, salvage_batch, single_problem
 
 MAX_BATCH_EVENTS = 1000
 # Stream messages being validated and forwarded at once.
@@ -110,16 +110,14 @@ class IngestServicer(IngestServiceServicer):
             size = request.ByteSize()
             self._check_batch(len(request.events), size, allow_empty=allow_empty)
             return request.events, None, size
-        # Read again event by event, within the limits a parsed batch has: size first.
+        # Read again event by event, within the limits a parsed batch has: size, then count, first.
         self._check_batch(1, len(request.data))
         try:
-            salvaged = salvage_batch(request.data, MAX_BATCH_EVENTS)
-        except TooManyEvents as exc:
-            self._check_batch(exc.count, len(request.data))
-            raise AssertionError("unreachable") from exc
+            raw = batch_events(request.data)
         except DecodeError as exc:
             raise InvalidArgument.field("events", "the request is not a valid message") from exc
-        self._check_batch(len(salvaged.events), len(request.data), allow_empty=allow_empty)
+        self._check_batch(len(raw), len(request.data), allow_empty=allow_empty)
+        salvaged = salvage_batch(raw)
         prior = {
             slot: [FieldViolation(field=_BATCH(base_index + slot, _NO_EVENT, p.field), description=p.description)]
             for slot, p in salvaged.problems.items()
