@@ -85,8 +85,19 @@ _DB_ERRORS: Sequence[tuple[type[BaseException], grpc.StatusCode, str]] = (
     (asyncpg.DeadlockDetectedError, grpc.StatusCode.ABORTED, "concurrent update; retry"),
     (asyncpg.CannotConnectNowError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
     (asyncpg.TooManyConnectionsError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
+    # The connection ended under the call (the server restarting or failing over, the backend
+    # terminated): the transaction did not commit, or did without an answer; either way a retry
+    # is safe where writes are idempotent, and the caller must be told to make one.
+    (asyncpg.PostgresConnectionError, grpc.StatusCode.UNAVAILABLE, "database connection lost; retry"),
+    (asyncpg.AdminShutdownError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
+    (asyncpg.CrashShutdownError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
     (OSError, grpc.StatusCode.UNAVAILABLE, "database unavailable"),
 )
+
+
+def _connection_closed(exc: BaseException) -> bool:
+    # asyncpg raises a plain InterfaceError for an operation on a connection already closed.
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
 
 
 def to_status(exc: BaseException) -> grpc.Status:
@@ -99,6 +110,9 @@ def to_status(exc: BaseException) -> grpc.Status:
             if isinstance(exc, kind):
                 code, message = mapped, text
                 break
+        else:
+            if _connection_closed(exc):
+                code, message = grpc.StatusCode.UNAVAILABLE, "database connection lost; retry"
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if isinstance(exc, InvalidArgument) and exc.violations:
         detail = any_pb2.Any()
