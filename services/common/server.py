@@ -76,8 +76,9 @@ class ServiceModule:
     # Methods (``/pkg.Service/Method``) that check their requests for what Postgres cannot hold
     # themselves, per item; the chassis checks every other request whole (see interceptors).
     self_checked: frozenset[str] = frozenset()
-    # Per method, a request parser to use instead of the generated one (see ingest's salvage.py).
-    request_parsers: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict)
+    # Per method, a request parser to use instead of the generated one, made from the settings
+    # (see ingest's salvage.py).
+    request_parsers: Callable[[Settings], Mapping[str, Callable[[bytes], Any]]] | None = None
 
 
 @dataclass
@@ -125,7 +126,8 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     verifier = tenancy.KeyVerifier(pool, token, settings.auth_cache_seconds)
     runtime = Runtime(settings=settings, database_url=dsn, pool=pool, internal_token=token, verifier=verifier)
 
-    interceptor = ChassisInterceptor(verifier, self_checked=module.self_checked, parsers=module.request_parsers)
+    parsers = module.request_parsers(settings) if module.request_parsers else None
+    interceptor = ChassisInterceptor(verifier, self_checked=module.self_checked, parsers=parsers)
     server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
     names = list(module.register(server, runtime))
     health_servicer = health.aio.HealthServicer()

@@ -50,9 +50,12 @@ MODULE = ServiceModule(
         f"/parley.ingest.v1.IngestService/{name}"
         for name in ("Track", "Page", "Screen", "Identify", "IngestBatch", "IngestStream")
     ),
-    # An event that does not parse at all (a string that is not UTF-8) too (salvage.py).
-    request_parsers={
-        f"/parley.ingest.v1.IngestService/{name}": parser(getattr(ingest_service_pb2, f"{name}Request"), field)
+    # An event that does not parse at all (a string that is not UTF-8) too, and a request over
+    # the batch limit is not parsed at all (salvage.py).
+    request_parsers=lambda settings: {
+        f"/parley.ingest.v1.IngestService/{name}": parser(
+            getattr(ingest_service_pb2, f"{name}Request"), field, settings.max_batch_bytes
+        )
         for name, field in (
             ("Track", "event"),
             ("Page", "event"),

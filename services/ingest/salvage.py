@@ -44,6 +44,15 @@ class Unparsed:
 
 
 @dataclass(frozen=True, slots=True)
+class Oversized:
+    """A request over the size any request of its method may have, left unread: gRPC reads
+    messages up to 16 MiB, and decoding one costs tens of times its size in memory and time,
+    all before the caller's key is checked. Only its size is kept, for the error."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class SalvagedBatch:
     """A batch request some of whose events did not parse: those are None, with their problem."""
 
@@ -88,13 +97,16 @@ def _only_field(request_cls: type[Message], name: str) -> int:
     return int(fields[name].number)
 
 
-def parser(request_cls: type[Message], field: str) -> Callable[[bytes], Any]:
-    """``request_cls.FromString``, or :class:`Unparsed` when the bytes do not parse. ``field``,
-    the request's only field, holds its event(s)."""
+def parser(request_cls: type[Message], field: str, max_bytes: int) -> Callable[[bytes], Any]:
+    """``request_cls.FromString``; :class:`Oversized` for a request over ``max_bytes``, never
+    read; :class:`Unparsed` when the bytes do not parse. ``field``, the request's only field,
+    holds its event(s)."""
     if _only_field(request_cls, field) != 1:
         raise TypeError(f"{request_cls.DESCRIPTOR.full_name}.{field} is not field 1")
 
-    def parse(data: bytes) -> Message | Unparsed:
+    def parse(data: bytes) -> Message | Unparsed | Oversized:
+        if len(data) > max_bytes:
+            return Oversized(len(data))
         try:
             return request_cls.FromString(data)
         except DecodeError:

@@ -14,11 +14,15 @@ from parley.ingest.v1 import ingest_service_pb2 as pb
 from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
 
 from services.common.context import current_workspace
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable, Violation
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
-from services.ingest.salvage import Unparsed, batch_events, salvage_batch, single_problem
+from services.ingest.salvage import Oversized, Unparsed, batch_events, salvage_batch, single_problem
 
 MAX_BATCH_EVENTS = 1000
+# Events one IngestStream call takes in all: its one response holds a result per event, and
+# gRPC clients take at most 4 MiB by default (a result is ~90 bytes with UUID ids, up to a few
+# hundred with long ids or violations). A sender with more opens a new stream.
+MAX_STREAM_EVENTS = 10_000
 # Stream messages being validated and forwarded at once.
 STREAM_IN_FLIGHT = 4
 
@@ -56,6 +60,9 @@ class IngestServicer(IngestServiceServicer):
         self._max_batch_bytes = max_batch_bytes
 
     async def _single(self, request: Any, expected: EventType.ValueType) -> EventResult:
+        if isinstance(request, Oversized):
+            limit = self._ingestor.limits.max_event_bytes
+            raise InvalidArgument.field("event", f"the request is {request.size} bytes; the limit is {limit} bytes")
         if isinstance(request, Unparsed):
             raise self._unparsed_single(request.data)
         event: Event = request.event
@@ -99,13 +106,15 @@ class IngestServicer(IngestServiceServicer):
 
     def _batch(
         self,
-        request: pb.IngestBatchRequest | pb.IngestStreamRequest | Unparsed,
+        request: pb.IngestBatchRequest | pb.IngestStreamRequest | Unparsed | Oversized,
         *,
         base_index: int = 0,
         allow_empty: bool = False,
     ) -> tuple[Sequence[Event | None], dict[int, list[FieldViolation]] | None, int | None]:
         """A batch request's events, checked; the violations of those that did not parse; its bytes,
         as re-encoded, when they bound what is forwarded."""
+        if isinstance(request, Oversized):
+            self._check_batch(1, request.size)
         if not isinstance(request, Unparsed):
             size = request.ByteSize()
             self._check_batch(len(request.events), size, allow_empty=allow_empty)
@@ -134,7 +143,9 @@ class IngestServicer(IngestServiceServicer):
         return pb.IngestBatchResponse(results=results, **_counts(results))
 
     async def IngestStream(
-        self, request_iterator: AsyncIterator[pb.IngestStreamRequest | Unparsed], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.IngestStreamRequest | Unparsed | Oversized],
+        context: grpc.aio.ServicerContext,
     ) -> pb.IngestStreamResponse:
         workspace = current_workspace()
         # Messages are validated and forwarded while the next ones arrive (a few at a time,
@@ -142,9 +153,23 @@ class IngestServicer(IngestServiceServicer):
         pending: deque[asyncio.Task[list[EventResult]]] = deque()
         results: list[EventResult] = []
         received = 0
+        message = -1
         try:
             async for request in request_iterator:
-                events, prior, size = self._batch(request, base_index=received, allow_empty=True)
+                message += 1
+                try:
+                    events, prior, size = self._batch(request, base_index=received, allow_empty=True)
+                    if received + len(events) > MAX_STREAM_EVENTS:
+                        raise InvalidArgument.field(
+                            "events",
+                            f"{len(events)} events would bring the stream to {received + len(events)}; the limit is "
+                            f"{MAX_STREAM_EVENTS} per stream (send the rest in a new stream)",
+                        )
+                except InvalidArgument as exc:
+                    stored = bool(results or pending)
+                    # The messages before settle first, so a resend right after finds them stored.
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    raise _in_stream_message(exc, message, received, stored=stored) from None
                 if not events:
                     continue
                 pending.append(
@@ -156,12 +181,33 @@ class IngestServicer(IngestServiceServicer):
                 )
                 received += len(events)
                 if len(pending) >= STREAM_IN_FLIGHT:
-                    results.extend(await pending.popleft())
+                    results.extend(await _after(pending.popleft(), stored=bool(results or pending)))
             while pending:
-                results.extend(await pending.popleft())
+                results.extend(await _after(pending.popleft(), stored=bool(results or pending)))
         finally:
             for task in pending:
                 if task.done() and not task.cancelled():
                     task.exception()  # the first failure already ends the call; these are moot
                 task.cancel()
         return pb.IngestStreamResponse(results=results, **_counts(results))
+
+
+_EARLIER_STORED = "events of the stream's earlier messages may be stored; resent, they come back DUPLICATE"
+
+
+def _in_stream_message(exc: InvalidArgument, message: int, first_index: int, *, stored: bool) -> InvalidArgument:
+    """``exc`` saying which stream message it is about (a sender cannot tell otherwise which one
+    to fix) and, when earlier messages went to identity, that those may be stored."""
+    where = f"stream message {message} (events from index {first_index})"
+    tail = f"; {_EARLIER_STORED}" if stored else ""
+    return InvalidArgument([Violation(v.field, f"{where}: {v.description}{tail}") for v in exc.violations])
+
+
+async def _after(task: asyncio.Task[list[EventResult]], *, stored: bool) -> list[EventResult]:
+    """The task's results; its UNAVAILABLE saying, when earlier messages were stored, that they were."""
+    try:
+        return await task
+    except Unavailable as exc:
+        if not stored:
+            raise
+        raise Unavailable(f"{exc.message}; {_EARLIER_STORED}") from exc

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
+from services.common.errors import field_violations
+from services.ingest import servicer
 from services.ingest.forward import Forwarder
 from tests.ingest.conftest import Stack, StackFactory, struct, track
 
@@ -115,6 +118,42 @@ async def test_stream_reports_every_event_with_stream_indexes(stack: Stack) -> N
     assert (response.accepted_count, response.rejected_count) == (12, 1)
     assert [v.field for v in response.results[12].violations] == ["events[12].name"]
     assert len(await user_events(stack, user)) == 12
+
+
+async def test_a_stream_takes_a_bounded_number_of_events(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its one response holds a result per event: unbounded, it would pass what clients accept.
+    monkeypatch.setattr(servicer, "MAX_STREAM_EVENTS", 10)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+
+    async def requests() -> AsyncIterator[pb.IngestStreamRequest]:
+        for chunk in range(3):
+            yield pb.IngestStreamRequest(events=[track(f"S{chunk}-{i}", user_id=user) for i in range(4)])
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.stub.IngestStream(requests(), metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [violation] = await field_violations(info.value)
+    assert violation.field == "events"
+    assert violation.description.startswith("stream message 2 (events from index 8): 4 events would bring the stream")
+    assert "limit is 10 per stream" in violation.description and "DUPLICATE" in violation.description
+    # The messages before went to identity; resent in a stream within the limit, they are duplicates.
+    stored = await user_events(stack, user)
+    assert len(stored) == 8
+
+
+async def test_a_bad_stream_message_is_named(stack: Stack) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+
+    async def requests() -> AsyncIterator[pb.IngestStreamRequest]:
+        yield pb.IngestStreamRequest(events=[track("A", user_id=user) for _ in range(3)])
+        yield pb.IngestStreamRequest(events=[track("B", user_id=user) for _ in range(1001)])
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.stub.IngestStream(requests(), metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [violation] = await field_violations(info.value)
+    assert violation.field == "events"
+    assert violation.description.startswith("stream message 1 (events from index 3): 1001 events; the limit is 1000")
 
 
 async def test_concurrent_single_events_share_identity_calls(stack: Stack) -> None:

@@ -119,6 +119,28 @@ async def test_batch_over_500_kib_is_rejected_whole(stack: Stack) -> None:
     assert violation.field == "events" and "512000 bytes" in violation.description
 
 
+async def test_a_request_over_the_batch_limit_is_refused_unread(stack: Stack) -> None:
+    # 2 MiB of numbers: decoded, a request like it costs tens of times its size. It is refused
+    # by its size, before it is read and before the key is checked (a stranger's request too).
+    big = pb.TrackRequest(event=track(user_id="u", properties={"n": list(range(200_000))}))
+    size = big.ByteSize()
+    assert size > 2 * 1024 * 1024
+    for md, code in ((stack.md, grpc.StatusCode.INVALID_ARGUMENT), ((("authorization", "Bearer pk_nope"),), None)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.Track(big, metadata=md)
+        if code is None:
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            continue
+        assert info.value.code() == code
+        [violation] = await field_violations(info.value)
+        assert violation.field == "event" and f"{size} bytes" in violation.description
+    batch = pb.IngestBatchRequest(events=[big.event])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.stub.IngestBatch(batch, metadata=stack.md)
+    [violation] = await field_violations(info.value)
+    assert violation.field == "events" and f"{batch.ByteSize()} bytes" in violation.description
+
+
 async def test_missing_or_wrong_key_is_unauthenticated(stack: Stack) -> None:
     for md in ((), (("authorization", "Bearer pk_nope"),)):
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -89,3 +90,57 @@ async def test_identity_losing_its_database_connection_mid_call_is_unavailable(s
     response = await retry_until_ok(stack.stub.Track, pb.TrackRequest(event=event), metadata=stack.md)
     assert isinstance(response, pb.TrackResponse)
     assert response.result.status == EventStatus.EVENT_STATUS_ACCEPTED
+
+
+async def test_a_stream_failing_after_stored_messages_says_so(make_stack: StackFactory) -> None:
+    """identity stops between two stream messages: UNAVAILABLE, saying the earlier messages may be
+    stored; the stream resent whole stores the rest and answers those as DUPLICATE."""
+    stack = await make_stack()
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    first = [track("A", user_id=user, message_id=f"{user}-a")]
+    second = [track("B", user_id=user, message_id=f"{user}-b")]
+    stored = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.IngestStreamRequest]:
+        yield pb.IngestStreamRequest(events=first)
+        stored.set()
+        await go_on.wait()
+        yield pb.IngestStreamRequest(events=second)
+
+    stream = asyncio.ensure_future(stack.stub.IngestStream(requests(), metadata=stack.md))
+    await stored.wait()
+    for _ in range(250):  # until the first message is committed
+        try:
+            await stack.identity_stub.GetUser(ipb.GetUserRequest(user_id=user), metadata=stack.md)
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+        await asyncio.sleep(0.02)
+    await stack.identity.stop(0)
+    go_on.set()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "earlier messages may be stored" in (info.value.details() or "")
+
+    await stack.restart_identity()
+
+    def resend() -> AsyncIterator[pb.IngestStreamRequest]:
+        async def messages() -> AsyncIterator[pb.IngestStreamRequest]:
+            yield pb.IngestStreamRequest(events=first)
+            yield pb.IngestStreamRequest(events=second)
+
+        return messages()
+
+    response = None
+    for _ in range(100):  # a client's retry: a new stream each time
+        try:
+            response = await stack.stub.IngestStream(resend(), metadata=stack.md)
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.sleep(0.1)
+    assert response is not None
+    statuses = [r.status for r in response.results]
+    assert statuses == [EventStatus.EVENT_STATUS_DUPLICATE, EventStatus.EVENT_STATUS_ACCEPTED]

@@ -14,12 +14,22 @@ from parley.ingest.v1 import ingest_service_pb2 as pb
 
 from services.common.errors import field_violations
 from services.ingest import servicer
-from services.ingest.salvage import NOT_UTF8, Problem, SalvagedBatch, Unparsed, batch_events, parser, salvage_batch
+from services.ingest.salvage import (
+    NOT_UTF8,
+    Oversized,
+    Problem,
+    SalvagedBatch,
+    Unparsed,
+    batch_events,
+    parser,
+    salvage_batch,
+)
 from tests.ingest.conftest import Stack, track
 
 ACCEPTED, REJECTED = EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_REJECTED
 # A marker that occurs once in a serialized event, replaced by bytes that are not UTF-8.
 MARK = "\u00e9\u00e9\u00e9"
+LIMIT = 500 * 1024
 BAD = b"\xff\xfe\xfd\xfc\xfb\xfa"  # as long as MARK, so every length prefix still holds
 
 
@@ -105,12 +115,14 @@ async def test_a_request_whose_structure_is_broken_is_still_one_invalid_argument
 
 def test_parsers_read_good_requests_as_the_generated_code_does() -> None:
     request = pb.IngestBatchRequest(events=[track("A", user_id="u"), track("B", anonymous_id="a")])
-    assert parser(pb.IngestBatchRequest, "events")(request.SerializeToString()) == request
+    assert parser(pb.IngestBatchRequest, "events", LIMIT)(request.SerializeToString()) == request
     single = pb.TrackRequest(event=track("A", user_id="u"))
-    assert parser(pb.TrackRequest, "event")(single.SerializeToString()) == single
+    assert parser(pb.TrackRequest, "event", LIMIT)(single.SerializeToString()) == single
     bad = spoiled(pb.IngestBatchRequest(events=[track(MARK, user_id="u")]))
     # Nothing is read again in the parser, before the caller is authenticated.
-    assert parser(pb.IngestBatchRequest, "events")(bad) == Unparsed(bad)
+    assert parser(pb.IngestBatchRequest, "events", LIMIT)(bad) == Unparsed(bad)
+    # A request over the limit is not read at all: these bytes would not even parse.
+    assert parser(pb.IngestBatchRequest, "events", len(bad) - 1)(bad) == Oversized(len(bad))
     salvaged = salvage_batch(batch_events(bad))
     assert salvaged.events == [None] and salvaged.problems == {0: Problem("name", NOT_UTF8)}
     assert len(batch_events(b"\x0a\x00" * 1001 + bad)) == 1002
