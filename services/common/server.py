@@ -115,7 +115,12 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     """Start ``module``: pool up, migrations applied, then listen; health turns SERVING last."""
     # In a thread: starting the embedded server blocks, and the loop may already serve others.
     dsn = await asyncio.to_thread(database_url, settings)
-    pool = await create_pool(dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+    pool = await create_pool(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        idle_transaction_timeout_ms=settings.db_idle_transaction_timeout_ms,
+    )
     try:
         await tenancy.migrate(pool)
         await apply_migrations(pool, module.name, module.migrations)

@@ -21,6 +21,8 @@ class Settings:
     data_dir: str = str(PROJECT_ROOT / ".parley")
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # A transaction idle this long is ended by PostgreSQL (services/common/db.py).
+    db_idle_transaction_timeout_ms: int = 60_000
 
     log_level: str = "info"
     # "json" (default), or "console" for humans; "auto" picks console on a TTY.

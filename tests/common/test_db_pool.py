@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
 
 from services.common.db import create_pool
 
@@ -30,6 +34,26 @@ async def test_statements_are_planned_with_their_arguments(new_database: Callabl
     pool = await create_pool(await new_database(), max_size=1)
     try:
         assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await pool.close()
+
+
+async def test_a_transaction_left_idle_is_ended_by_the_server(new_database: Callable[[], Awaitable[str]]) -> None:
+    # A frozen process must not hold its locks (and the event stream) for ever.
+    pool = await create_pool(await new_database(), max_size=1, idle_transaction_timeout_ms=200)
+    try:
+        assert await pool.fetchval("SHOW idle_in_transaction_session_timeout") == "200ms"
+        conn = await pool.acquire()
+        try:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT pg_advisory_xact_lock(7)")
+            await asyncio.sleep(1.0)
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                await conn.fetchval("SELECT 1")
+        finally:
+            await pool.release(conn)
+        async with pool.acquire() as again:
+            assert await again.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
     finally:
         await pool.close()
 
