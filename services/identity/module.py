@@ -12,7 +12,7 @@ from parley.identity.v1.identity_service_pb2_grpc import add_IdentityServiceServ
 
 from services.common.server import Runtime, ServiceModule
 from services.identity.connections import HeldConnections
-from services.identity.servicer import IdentityServicer
+from services.identity.servicer import EVENT_BYTES_ADDED, IdentityServicer
 from services.identity.stream import EventHub, listen
 
 
@@ -21,7 +21,9 @@ def register(server: grpc.aio.Server, rt: Runtime) -> Sequence[str]:
     # Up to half the pool serves reads on held connections; the rest is for RecordEvents.
     reads = HeldConnections(rt.pool, rt.settings.db_pool_max // 2)
     rt.state["event_hub"], rt.state["held_connections"] = hub, reads
-    add_IdentityServiceServicer_to_server(IdentityServicer(rt.pool, reads, hub), server)
+    add_IdentityServiceServicer_to_server(
+        IdentityServicer(rt.pool, reads, hub, max_event_bytes=rt.settings.max_event_bytes + EVENT_BYTES_ADDED), server
+    )
     return [identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
 
 

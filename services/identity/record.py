@@ -443,7 +443,7 @@ class _Part:
     payloads: list[bytes]
 
 
-def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
+def _prepare(workspace_id: str, events: Sequence[Event], payloads: list[bytes] | None = None) -> _Batch:
     prepared = prepare(events)
     key_of: dict[IdentityKey, int] = {}
     lock_key = _lock_keys(workspace_id)
@@ -464,7 +464,7 @@ def _prepare(workspace_id: str, events: Sequence[Event]) -> _Batch:
         prepared,
         key_of,
         sorted(set(key_of.values())),
-        [e.SerializeToString() for e in events],
+        [e.SerializeToString() for e in events] if payloads is None else payloads,
         list(dict.fromkeys(message_ids)),
         group_events(event_keys, message_ids),
     )
@@ -612,7 +612,9 @@ class BatchWriter:
         else:
             self._give_way[workspace_id] = share
 
-    async def record(self, workspace_id: str, events: Sequence[Event], attempts: int = 8) -> list[Outcome]:
+    async def record(
+        self, workspace_id: str, events: Sequence[Event], attempts: int = 8, *, payloads: list[bytes] | None = None
+    ) -> list[Outcome]:
         """Store one batch in one transaction; it commits whole or not at all. Retries lost races.
 
         A batch first goes without reading which of its message ids are stored: they almost
@@ -621,7 +623,7 @@ class BatchWriter:
         one fails the events' COPY on the primary key, and the batch runs again with the read,
         which then reports those events as duplicates.
         """
-        batch = _prepare(workspace_id, events)
+        batch = _prepare(workspace_id, events, payloads)
         probe = time.monotonic() < self._probe_until
         split = self.goes_ahead(workspace_id)
         went_ahead = False

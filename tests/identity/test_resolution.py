@@ -313,6 +313,12 @@ async def test_record_events_needs_internal_credentials_and_a_sane_batch(identit
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await identity.record(tenant, track(user_id="x"), no_id)
     assert [v.field for v in await field_violations(info.value)] == ["events[1].message_id"]
+    # An event far over what ingest lets through would not fit a stream page or a timeline.
+    huge = track(user_id="x", properties={"blob": "x" * 40_000})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await identity.record(tenant, track(user_id="x"), huge)
+    [violation] = await field_violations(info.value)
+    assert violation.field == "events[1]" and "the limit is 33792" in violation.description
 
 
 async def test_a_batch_that_fails_in_the_database_stores_nothing(identity: Identity, tenant: Tenant) -> None:
@@ -388,5 +394,6 @@ def test_a_nul_in_any_text_field_is_named(name: str) -> None:
     event = track(user_id="u", message_id="m")
     setattr(event, name, getattr(event, name) + "x\x00")
     with pytest.raises(InvalidArgument) as info:
-        servicer._check_batch([track(user_id="ok"), event])
+        events = [track(user_id="ok"), event]
+        servicer._check_batch(events, [e.SerializeToString() for e in events], 33 * 1024)
     assert [v.field for v in info.value.violations] == [f"events[1].{name}"]
