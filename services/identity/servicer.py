@@ -294,5 +294,15 @@ class IdentityServicer(IdentityServiceServicer):
             raise Unauthenticated("this call needs a workspace")
         size = _page_size(request.batch_size, "batch_size", DEFAULT_STREAM_BATCH, MAX_STREAM_BATCH)
         start = Cursor.decode(request.cursor)
+        if start.xid:
+            async with self._reads.connection() as conn:
+                next_xid = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+            if start.xid >= next_xid:
+                # No transaction has that id yet: a cursor from another database (or one restored
+                # from a dump, whose transaction counter starts lower) would skip every new event
+                # until the counter caught up.
+                raise InvalidArgument.field(
+                    "cursor", "ahead of this database's transactions: not a cursor of this stream's database"
+                )
         async for rows, after in follow(self._reads, self._hub, workspace.id if workspace else None, start, size):
             yield pb.SubscribeEventsResponse(events=[stored_event(r) for r in rows], cursor=after.encode())

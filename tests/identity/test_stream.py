@@ -179,6 +179,9 @@ async def test_bad_cursor_and_batch_size(identity: Identity, tenant: Tenant) -> 
         # Well formed, but past what xid8 and bigint hold.
         (ipb.SubscribeEventsRequest(cursor=_raw_cursor(f"v1:{2**64}:0")), "cursor"),
         (ipb.SubscribeEventsRequest(cursor=_raw_cursor(f"v1:1:{2**63}")), "cursor"),
+        # Ahead of every transaction of this database (another database's, or one from before a
+        # restore): it would skip every new event until the counter caught up.
+        (ipb.SubscribeEventsRequest(cursor=_raw_cursor(f"v1:{2**40}:0")), "cursor"),
         (ipb.SubscribeEventsRequest(batch_size=1001), "batch_size"),
         (ipb.SubscribeEventsRequest(batch_size=-1), "batch_size"),
     ):
