@@ -96,8 +96,10 @@ _DB_ERRORS: Sequence[tuple[type[BaseException], grpc.StatusCode, str]] = (
 
 
 def _connection_closed(exc: BaseException) -> bool:
-    # asyncpg raises a plain InterfaceError for an operation on a connection already closed.
-    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+    # asyncpg raises a plain InterfaceError for an operation on a connection already closed, or
+    # on one it released back to its pool when the server connection was lost.
+    text = str(exc)
+    return isinstance(exc, asyncpg.InterfaceError) and ("closed" in text or "released back to the pool" in text)
 
 
 def to_status(exc: BaseException) -> grpc.Status:

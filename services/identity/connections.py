@@ -19,6 +19,16 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+def _usable(conn: asyncpg.Connection) -> bool:
+    """Whether a held connection can still run queries. When its server connection is lost
+    (PostgreSQL restarted, the backend terminated), asyncpg releases it back to the pool on its
+    own: the proxy held here is then detached, and every call on it raises ``InterfaceError``."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 class HeldConnections:
     """``async with held.connection() as conn`` borrows one of ``size`` connections taken from ``pool``.
 
@@ -51,10 +61,12 @@ class HeldConnections:
                 yield pooled
             return
         conn = await self._idle.get()
+        if not _usable(conn):
+            conn = await self._reconnect()
         clean = False
         try:
             yield conn
-            clean = not conn.is_closed() and not conn.is_in_transaction()
+            clean = _usable(conn) and not conn.is_in_transaction()
         finally:
             if clean and not self._closing:
                 self._idle.put_nowait(conn)
@@ -63,6 +75,20 @@ class HeldConnections:
                 task = asyncio.get_running_loop().create_task(self._replace(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self) -> asyncpg.Connection:
+        """A fresh connection for a slot whose connection was lost; when none can be had, the
+        slot is refilled in the background and the caller gets the error."""
+        try:
+            return await self._pool.acquire()
+        except BaseException:
+            self._keep_slot()
+            raise
+
+    def _keep_slot(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, conn: asyncpg.Connection) -> None:
         try:
@@ -76,9 +102,7 @@ class HeldConnections:
         except Exception as exc:
             log.error("held_connection_replace_failed", error=repr(exc))
             # Keep the slot: try again when it is next needed.
-            task = asyncio.get_running_loop().create_task(self._retry())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._keep_slot()
 
     async def _retry(self) -> None:
         while not self._closing:
