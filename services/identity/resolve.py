@@ -61,12 +61,18 @@ def merge_properties(properties: dict[str, Any], times: dict[str, int], changes:
 
 
 def merge_stamped(
-    properties: dict[str, Any], times: dict[str, int], other: dict[str, Any], other_times: dict[str, int]
+    properties: dict[str, Any],
+    times: dict[str, int],
+    other: dict[str, Any],
+    other_times: dict[str, int],
+    *,
+    contact: bool = True,
 ) -> bool:
-    """Merge another stamped property set (each key with its own time) into this one."""
+    """Merge another stamped property set (each key with its own time) into this one: a contact's
+    properties, or with ``contact=False`` a user's traits."""
     changed = False
     for key, at in other_times.items():
-        if key == PHONE_KEY:
+        if contact and key == PHONE_KEY:
             continue  # a contact's phone property is its own phone, never another contact's
         changed |= merge_properties(properties, times, {key: other.get(key)}, at)
     return changed
@@ -283,7 +289,7 @@ class _Resolver:
         self.merged.append(gone_key)
         gone.merged_into = into_key
         gone.dirty = into.dirty = True
-        merge_stamped(into.traits, into.trait_times, gone.traits, gone.trait_times)
+        merge_stamped(into.traits, into.trait_times, gone.traits, gone.trait_times, contact=False)
         into.identified = into.identified or gone.identified
         if gone.contact_id is not None:
             self.contact_users.add((gone.contact_id, into_key))
@@ -352,6 +358,11 @@ class _Resolver:
         if anonymous_id and not anonymous_taken:
             self.register(ANONYMOUS, anonymous_id, key)
         if previous_id and (USER, previous_id) not in self.s.identities:
+            if (ANONYMOUS, previous_id) not in self.s.identities:
+                # An id never seen: it may have been a user id as well as an anonymous one
+                # (Segment's previousId is either), so later events naming it as either join
+                # this user instead of starting another person.
+                self.register(USER, previous_id, key)
             self.register(ANONYMOUS, previous_id, key)
         return user
 

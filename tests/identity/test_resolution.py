@@ -205,6 +205,46 @@ async def test_alias_joins_a_previous_id_to_a_user(identity: Identity, tenant: T
     assert names == ["EVENT_TYPE_GROUP", "EVENT_TYPE_ALIAS", "EVENT_TYPE_IDENTIFY", "EVENT_TYPE_PAGE"]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "one batch"])
+async def test_an_alias_from_an_id_not_seen_yet_joins_its_later_events(
+    identity: Identity, tenant: Tenant, batched: bool
+) -> None:
+    # Segment's previousId may be an anonymous or a user id; one never seen yet is both, so the
+    # events that later name it as a user id are the same person's, not a second user's.
+    t = BASE_TIME + timedelta(days=60)
+    old, new, phone = uid("old"), uid("new"), "+14155550104"
+    events = [
+        event(EventType.EVENT_TYPE_ALIAS, previous_id=old, user_id=new, at=t),
+        identify({"plan": "gold"}, user_id=old, phone=phone, at=t + timedelta(seconds=1)),
+        track(user_id=new, at=t + timedelta(seconds=2)),
+    ]
+    if batched:
+        await identity.record(tenant, *events)
+    else:
+        for e in events:
+            await identity.record(tenant, e)
+    by_old = await identity.stub.GetUser(ipb.GetUserRequest(user_id=old), metadata=tenant.md)
+    by_new = await identity.stub.GetUser(ipb.GetUserRequest(user_id=new), metadata=tenant.md)
+    assert by_old.user.user_key == by_new.user.user_key
+    contact = await identity.stub.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)
+    assert by_new.user.contact_id == contact.contact.id
+    assert len(await timeline(identity, tenant, contact.contact.id)) == 3
+
+
+async def test_a_join_keeps_the_joined_users_phone_trait(identity: Identity, tenant: Tenant) -> None:
+    # A contact's phone property is its own number, but a user's traits are what was sent.
+    t = BASE_TIME + timedelta(days=61)
+    first, second, device = uid(), uid(), uid("anon")
+    await identity.record(tenant, page("Home", user_id=second, anonymous_id=device, at=t))
+    traits = {"phone": "(415) 555-0105", "plan": "gold"}
+    await identity.record(tenant, identify(traits, user_id=first, phone="+14155550105", at=t + timedelta(seconds=1)))
+    await identity.record(
+        tenant, event(EventType.EVENT_TYPE_ALIAS, previous_id=first, user_id=second, at=t + timedelta(seconds=2))
+    )
+    got = await identity.stub.GetUser(ipb.GetUserRequest(user_id=second), metadata=tenant.md)
+    assert dict(got.user.traits) == traits
+
+
 async def contact_properties(identity: Identity, tenant: Tenant, phone: str) -> dict[str, object]:
     got = await identity.stub.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)
     return dict(got.contact.properties)
