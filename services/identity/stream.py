@@ -25,23 +25,47 @@ IDLE_CHECK_SECONDS = 2.0
 
 
 class EventHub:
-    """Wakes every waiting subscriber of this process when a batch commits anywhere."""
+    """Wakes this process's waiting subscribers when a batch commits: those of the batch's
+    workspace and those of every workspace. The notification carries the workspace id; a
+    subscriber of another workspace has nothing new to read, and waking it would cost a page
+    query per subscriber per commit."""
 
     def __init__(self) -> None:
-        self.generation = 0
-        self._event = asyncio.Event()
+        # Per workspace id, and None for subscribers of every workspace: a counter of wake-ups
+        # and the event their waiters wait on. Made when a subscriber first asks.
+        self._generations: dict[str | None, int] = {}
+        self._events: dict[str | None, asyncio.Event] = {}
 
-    def poke(self) -> None:
-        self.generation += 1
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+    def generation(self, workspace_id: str | None) -> int:
+        """The wake-up count a subscriber reads before its query and then waits past."""
+        if workspace_id not in self._events:
+            self._events[workspace_id] = asyncio.Event()
+            self._generations[workspace_id] = 0
+        return self._generations[workspace_id]
 
-    async def wait(self, seen: int, seconds: float) -> None:
-        """Return once a poke happened after generation ``seen`` was read, or after ``seconds``."""
-        if self.generation != seen:
+    def _wake(self, key: str | None) -> None:
+        event = self._events.get(key)
+        if event is not None:
+            self._generations[key] += 1
+            self._events[key] = asyncio.Event()
+            event.set()
+
+    def poke(self, workspace_id: str | None = None) -> None:
+        """A batch of ``workspace_id`` committed; None: anything may have (wake everyone)."""
+        if workspace_id is None:
+            for key in list(self._events):
+                self._wake(key)
+            return
+        self._wake(workspace_id)
+        self._wake(None)
+
+    async def wait(self, workspace_id: str | None, seen: int, seconds: float) -> None:
+        """Return once a wake-up for ``workspace_id`` happened after generation ``seen`` was
+        read, or after ``seconds``."""
+        if self.generation(workspace_id) != seen:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+            await asyncio.wait_for(self._events[workspace_id].wait(), seconds)
 
 
 async def listen(dsn: str, hub: EventHub) -> None:
@@ -52,7 +76,7 @@ async def listen(dsn: str, hub: EventHub) -> None:
             conn = await asyncpg.connect(dsn)
             closed = asyncio.Event()
             conn.add_termination_listener(lambda _c, done=closed: done.set())
-            await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: hub.poke())
+            await conn.add_listener(NOTIFY_CHANNEL, lambda _c, _pid, _channel, payload: hub.poke(payload or None))
             hub.poke()  # whatever committed while no one was listening
             await closed.wait()
             log.warning("event_listener_lost")
@@ -72,7 +96,7 @@ async def follow(
 ) -> AsyncIterator[tuple[list[EventRow], Cursor]]:
     """Pages of events after ``cursor`` for ever: the backlog first, then each commit as it lands."""
     while True:
-        seen = hub.generation
+        seen = hub.generation(workspace_id)
         async with reads.connection() as conn:
             rows, held_back = await repository.stream_page(conn, workspace_id, cursor, batch_size)
         # A prefix of the page: the cursor moves to its last row, and the next page goes on from there.
@@ -81,4 +105,4 @@ async def follow(
             cursor = Cursor(rows[-1].xid, rows[-1].seq)
             yield rows, cursor
             continue
-        await hub.wait(seen, HELD_BACK_POLL_SECONDS if held_back else IDLE_CHECK_SECONDS)
+        await hub.wait(workspace_id, seen, HELD_BACK_POLL_SECONDS if held_back else IDLE_CHECK_SECONDS)

@@ -11,7 +11,7 @@ import pytest
 from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.db import create_pool
-from services.identity import record, repository
+from services.identity import record, repository, stream
 from services.identity.tokens import Cursor
 from tests.identity.conftest import Identity, Tenant, identify, page, track, uid
 
@@ -165,6 +165,37 @@ async def test_workspace_keys_stream_only_their_workspace_and_internal_callers_s
         seen.update({e.event.message_id: e.workspace_id for e in response.events})
     everything.cancel()
     assert seen[mine.message_id] == tenant.workspace.id and seen[theirs.message_id] == other.workspace.id
+
+
+async def test_a_commit_wakes_only_its_workspaces_subscribers(
+    identity: Identity, tenant: Tenant, make_workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Each wake-up costs the subscriber a page query: commits elsewhere must not cost it one.
+    monkeypatch.setattr(stream, "IDLE_CHECK_SECONDS", 60.0)  # no safety-net re-check in the test's time
+    other = await identity.tenant(make_workspace)
+    pages: dict[str | None, int] = {}
+    real_page = repository.stream_page
+
+    async def counted(conn, workspace_id, cursor, size):  # type: ignore[no-untyped-def]
+        pages[workspace_id] = pages.get(workspace_id, 0) + 1
+        return await real_page(conn, workspace_id, cursor, size)
+
+    await identity.record(tenant, track("Before", user_id=uid()))
+    quiet = subscribe(identity, tenant.md)
+    await read_events(quiet, 1)  # the backlog read: now it waits
+    busy = subscribe(identity, other.md)
+    everything = subscribe(identity, identity.internal_md, batch_size=1000)
+    await asyncio.wait_for(everything.read(), HANG_GUARD)
+    await asyncio.sleep(0.2)
+    monkeypatch.setattr(repository, "stream_page", counted)
+    for i in range(5):
+        await identity.record(other, track(f"Theirs{i}", user_id=uid()))
+    await read_events(busy, 5)
+    await asyncio.sleep(0.3)
+    for call in (quiet, busy, everything):
+        call.cancel()
+    assert pages.get(tenant.workspace.id, 0) == 0
+    assert pages.get(other.workspace.id, 0) >= 1 and pages.get(None, 0) >= 1
 
 
 def _raw_cursor(text: str) -> str:
