@@ -64,10 +64,12 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-# How long a transaction may sit idle, waiting on its service, before PostgreSQL ends it. Parley's
-# transactions wait on nothing but their own statements; one left open by a frozen process or
-# a network partition would otherwise hold its locks, and hold back every subscriber of the
-# event stream (which waits for older open writers, to stay gap-safe), until TCP noticed.
+# How long a transaction may sit idle, waiting on its service, before PostgreSQL ends it (0: never).
+# identity's and messaging's transactions wait on nothing but their own statements; one left
+# open by a frozen process or a network partition would otherwise hold its locks, and an
+# identity batch's would hold back every subscriber of the event stream (which waits for older
+# open writers, to stay gap-safe), until TCP noticed. Campaign's do wait on calls to other
+# services and run without it (see ServiceModule.idle_transaction_timeout).
 IDLE_TRANSACTION_TIMEOUT_MS = 60_000
 
 
