@@ -91,8 +91,10 @@ class Ingestor:
                 named.extend(
                     FieldViolation(field=namer(index, event, v.field), description=v.description) for v in violations
                 )
+                # The id echoed no longer than an id may be: a stream's one response holds up to
+                # 10,000 results, and ids of up to 32 KiB would pass what clients accept.
                 results[slot] = EventResult(
-                    index=index, message_id=event.message_id, status=_REJECTED, violations=named
+                    index=index, message_id=event.message_id[: limits.max_id_chars], status=_REJECTED, violations=named
                 )
                 continue
             message_id = event.message_id

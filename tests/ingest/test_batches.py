@@ -141,6 +141,18 @@ async def test_a_stream_takes_a_bounded_number_of_events(stack: Stack, monkeypat
     assert len(stored) == 8
 
 
+async def test_a_rejected_result_echoes_at_most_an_ids_length_of_its_message_id(stack: Stack) -> None:
+    # A stream's one response holds up to 10,000 results: 32 KiB ids echoed back would pass 4 MiB.
+    long_id = "m" * 30_000
+    response = await stack.stub.IngestBatch(
+        pb.IngestBatchRequest(events=[track(user_id="u", message_id=long_id)]), metadata=stack.md
+    )
+    [result] = response.results
+    assert result.status == EventStatus.EVENT_STATUS_REJECTED
+    assert [v.field for v in result.violations] == ["events[0].message_id"]
+    assert result.message_id == long_id[:255]
+
+
 async def test_a_bad_stream_message_is_named(stack: Stack) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
 
