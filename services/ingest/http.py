@@ -28,6 +28,9 @@ from services.ingest.segment import from_regal, from_segment, json_field, parse_
 log = structlog.get_logger(__name__)
 
 _CHUNK = 64 * 1024
+# The most a body may hold when its API key is not in a header but in the body (``writeKey``):
+# Segment's own limit for a batch, so no SDK sends more.
+KEYLESS_MAX_BODY_BYTES = 500 * 1024
 # JSON bodies; text/plain is what browsers' sendBeacon uses to avoid a CORS preflight.
 _CONTENT_TYPES = frozenset({"application/json", "text/plain"})
 _SINGLE_KINDS = ("track", "page", "screen", "identify", "alias", "group")
@@ -157,7 +160,10 @@ class HttpIngest:
             raise HttpError(
                 415, "unsupported_media_type", f"Content-Type {request.content_type!r}; send application/json"
             )
-        body = await read_body(request, self._max_body)
+        # A caller whose key is in the body is unknown until the body is read: it may send at
+        # most Segment's batch limit, so strangers cannot make ingest read and decode megabytes.
+        limit = self._max_body if workspace is not None else min(self._max_body, KEYLESS_MAX_BODY_BYTES)
+        body = await read_body(request, limit)
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
