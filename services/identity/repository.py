@@ -39,12 +39,20 @@ class ContactRow:
     anonymous_ids: list[str]
 
 
+# An id an alias named before it was ever seen is kept as both kinds (resolve.py): among user ids
+# it comes after those sent as user ids in the same transaction, so a caller taking the first
+# user id gets one sent as a user id.
+_ALIAS_TWIN_LAST = """EXISTS (SELECT 1 FROM identity.identities t WHERE t.workspace_id = {i}.workspace_id
+                             AND t.kind = 'anonymous' AND t.external_id = {i}.external_id
+                             AND t.user_key = {i}.user_key)"""
+
 _CONTACT_COLUMNS = f"""
     c.id, c.workspace_id, c.phone, c.properties, c.phone_time_zone, c.create_time, c.update_time,
     ARRAY(SELECT i.external_id FROM identity.contact_users cu
             JOIN identity.identities i ON i.workspace_id = cu.workspace_id AND i.user_key = cu.user_key
            WHERE cu.workspace_id = c.workspace_id AND cu.contact_id = c.id AND i.kind = 'user'
-           ORDER BY i.create_time, i.external_id LIMIT {MAX_IDS_PER_CONTACT}) AS user_ids,
+           ORDER BY i.create_time, {_ALIAS_TWIN_LAST.format(i="i")}, i.external_id
+           LIMIT {MAX_IDS_PER_CONTACT}) AS user_ids,
     ARRAY(SELECT i.external_id FROM identity.contact_users cu
             JOIN identity.identities i ON i.workspace_id = cu.workspace_id AND i.user_key = cu.user_key
            WHERE cu.workspace_id = c.workspace_id AND cu.contact_id = c.id AND i.kind = 'anonymous'
@@ -273,9 +281,10 @@ async def user_by_identity(
     ws = uuid.UUID(workspace_id)
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
         r = await conn.fetchrow(
-            """SELECT u.user_key, u.contact_id, u.phone, u.traits, u.create_time,
+            f"""SELECT u.user_key, u.contact_id, u.phone, u.traits, u.create_time,
                       ARRAY(SELECT x.external_id FROM identity.identities x WHERE x.workspace_id = u.workspace_id
-                             AND x.user_key = u.user_key AND x.kind = 'user' ORDER BY x.create_time, x.external_id)
+                             AND x.user_key = u.user_key AND x.kind = 'user'
+                           ORDER BY x.create_time, {_ALIAS_TWIN_LAST.format(i="x")}, x.external_id)
                         AS user_ids,
                       ARRAY(SELECT x.external_id FROM identity.identities x WHERE x.workspace_id = u.workspace_id
                              AND x.user_key = u.user_key AND x.kind = 'anonymous'

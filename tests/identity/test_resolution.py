@@ -212,7 +212,7 @@ async def test_an_alias_from_an_id_not_seen_yet_joins_its_later_events(
     # Segment's previousId may be an anonymous or a user id; one never seen yet is both, so the
     # events that later name it as a user id are the same person's, not a second user's.
     t = BASE_TIME + timedelta(days=60)
-    old, new, phone = uid("old"), uid("new"), "+14155550104"
+    old, new, phone = uid("a-old"), uid("z-new"), "+14155550104"
     events = [
         event(EventType.EVENT_TYPE_ALIAS, previous_id=old, user_id=new, at=t),
         identify({"plan": "gold"}, user_id=old, phone=phone, at=t + timedelta(seconds=1)),
@@ -226,6 +226,9 @@ async def test_an_alias_from_an_id_not_seen_yet_joins_its_later_events(
     by_old = await identity.stub.GetUser(ipb.GetUserRequest(user_id=old), metadata=tenant.md)
     by_new = await identity.stub.GetUser(ipb.GetUserRequest(user_id=new), metadata=tenant.md)
     assert by_old.user.user_key == by_new.user.user_key
+    # The id sent as a user id comes first (callers such as campaign take the first), whatever
+    # the two ids' order as text.
+    assert list(by_new.user.user_ids) == [new, old]
     contact = await identity.stub.GetContact(ipb.GetContactRequest(phone=phone), metadata=tenant.md)
     assert by_new.user.contact_id == contact.contact.id
     assert len(await timeline(identity, tenant, contact.contact.id)) == 3
