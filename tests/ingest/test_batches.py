@@ -15,7 +15,7 @@ from parley.common.v1.event_pb2 import Event, EventStatus, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
-from services.common.errors import field_violations
+from services.common.errors import Violation, field_violations
 from services.ingest import servicer
 from services.ingest.forward import Forwarder
 from tests.ingest.conftest import Stack, StackFactory, struct, track
@@ -120,6 +120,16 @@ async def test_stream_reports_every_event_with_stream_indexes(stack: Stack) -> N
     assert len(await user_events(stack, user)) == 12
 
 
+async def stream_refused(stack: Stack, requests: AsyncIterator[pb.IngestStreamRequest]) -> Violation:
+    """The one violation, on ``events``, of a stream refused INVALID_ARGUMENT."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.stub.IngestStream(requests, metadata=stack.md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [violation] = await field_violations(info.value)
+    assert violation.field == "events"
+    return violation
+
+
 async def test_a_stream_takes_a_bounded_number_of_events(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its one response holds a result per event: unbounded, it would pass what clients accept.
     monkeypatch.setattr(servicer, "MAX_STREAM_EVENTS", 10)
@@ -129,14 +139,10 @@ async def test_a_stream_takes_a_bounded_number_of_events(stack: Stack, monkeypat
         for chunk in range(3):
             yield pb.IngestStreamRequest(events=[track(f"S{chunk}-{i}", user_id=user) for i in range(4)])
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stack.stub.IngestStream(requests(), metadata=stack.md)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    [violation] = await field_violations(info.value)
-    assert violation.field == "events"
+    violation = await stream_refused(stack, requests())
     assert violation.description.startswith("stream message 2 (events from index 8): 4 events would bring the stream")
     assert "limit is 10 per stream" in violation.description and "DUPLICATE" in violation.description
-    # The messages before went to identity; resent in a stream within the limit, they are duplicates.
+    # The messages before went to identity, and were settled before the answer.
     stored = await user_events(stack, user)
     assert len(stored) == 8
 
@@ -160,11 +166,7 @@ async def test_a_bad_stream_message_is_named(stack: Stack) -> None:
         yield pb.IngestStreamRequest(events=[track("A", user_id=user) for _ in range(3)])
         yield pb.IngestStreamRequest(events=[track("B", user_id=user) for _ in range(1001)])
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stack.stub.IngestStream(requests(), metadata=stack.md)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    [violation] = await field_violations(info.value)
-    assert violation.field == "events"
+    violation = await stream_refused(stack, requests())
     assert violation.description.startswith("stream message 1 (events from index 3): 1001 events; the limit is 1000")
 
 
