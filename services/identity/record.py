@@ -475,6 +475,11 @@ async def record_events(conn: asyncpg.Connection, workspace_id: str, events: Seq
     return await _record(conn, _prepare(workspace_id, events), None, probe=True)
 
 
+# How long a batch's transaction may sit idle (its process frozen, or cut off) before PostgreSQL
+# ends it and frees its locks. Between its statements a batch only runs Python (milliseconds) or
+# polls every EARLIER_BATCH_POLL; the margin is for a process starved of CPU.
+BATCH_IDLE_TIMEOUT_MS = 10_000
+
 # How long the events that wait for earlier batches of this process wait at most before they queue
 # for their locks in PostgreSQL anyway, and how often they check that none of those waits for a
 # lock they hold (see ``Claim.wait_for_earlier``).
@@ -510,8 +515,14 @@ async def _record(
     """
     ws = batch.workspace
     # The events lock comes first, before this transaction has an xid: stream readers rely on
-    # every transaction that can add events holding it whenever it has an xid.
-    await conn.execute("LOCK TABLE identity.events IN ROW EXCLUSIVE MODE")
+    # every transaction that can add events holding it whenever it has an xid. In the same round
+    # trip, a short idle timeout: a batch waits on nothing but its own statements, and one whose
+    # process froze would otherwise hold its locks, which other replicas' batches wait for, for
+    # the pool's 60 s.
+    await conn.execute(
+        f"SET LOCAL idle_in_transaction_session_timeout = {BATCH_IDLE_TIMEOUT_MS};"
+        " LOCK TABLE identity.events IN ROW EXCLUSIVE MODE"
+    )
     existing: dict[str, uuid.UUID | None] = {}
     if probe:
         rows = await conn.fetch(_EXISTING_EVENTS, ws, batch.message_ids)

@@ -44,6 +44,38 @@ async def test_a_batch_repeating_stored_message_ids_reports_them_and_stores_the_
         await pool.close()
 
 
+async def test_a_batch_whose_process_stops_answering_frees_its_locks(
+    identity: Identity, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A frozen identity process keeps its batch's transaction open: PostgreSQL ends it after the
+    # batch's idle timeout (made short here), not the pool's minute, so other replicas' batches
+    # for the same users stop waiting.
+    monkeypatch.setattr(record, "BATCH_IDLE_TIMEOUT_MS", 200)
+    real_resolve = record.resolve
+    frozen = asyncio.Event()
+
+    def stalled(*args: object, **kwargs: object) -> record.Plan:
+        if not frozen.is_set():
+            frozen.set()
+            time.sleep(0.6)  # the whole process stops, as a frozen one would
+        return real_resolve(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(record, "resolve", stalled)
+    ws, user = tenant.workspace.id, uid()
+    events = [identify({"plan": "gold"}, user_id=user, phone="+14155550177"), track("A", user_id=user)]
+    pool = await create_pool(identity.db_url, max_size=2)
+    try:
+        writer = record.BatchWriter(pool)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await writer.record(ws, events)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+        # Nothing was stored; the retry stores the batch.
+        assert [o.duplicate for o in await writer.record(ws, events)] == [False, False]
+    finally:
+        await pool.close()
+
+
 @pytest.fixture
 def small_lock_table(tmp_path: Path) -> Iterator[str]:
     """A server of its own, whose lock table holds ~10 locks per connection slot: filling it here
