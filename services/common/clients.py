@@ -19,6 +19,9 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # Calls spread over every address the peer's name resolves to (a service scaled to N
+    # replicas behind one DNS name); gRPC's default would send all of them to the first.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 
