@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 import uuid
@@ -14,7 +15,7 @@ from google.protobuf.message import Message
 
 from services.common import context
 from services.common.context import Workspace
-from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, Violation, to_status
+from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, Unavailable, Violation, to_status
 from services.common.storable import UNSTORABLE, unstorable_fields
 from services.common.tenancy import KeyVerifier
 
@@ -98,6 +99,35 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._self_checked = self_checked
         self._parsers = dict(parsers or {})
+        # Shutting down: new calls are answered UNAVAILABLE while those in flight finish (see drain).
+        self._draining = False
+        self._in_flight = 0
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
+
+    def drain(self) -> None:
+        """From now on answer new calls UNAVAILABLE (the caller retries, on another replica). gRPC
+        itself, when the server stops, cancels calls it has taken but not yet handed over:
+        their callers get CANCELLED, which they do not retry. Refused here first, they cannot
+        be among them but for the last instant before the stop."""
+        self._draining = True
+
+    async def drained(self) -> None:
+        """Return once no call but open-ended streams is in flight."""
+        await self._none_in_flight.wait()
+
+    def _admit(self, counted: bool) -> None:
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry")
+        if counted:
+            self._in_flight += 1
+            self._none_in_flight.clear()
+
+    def _done(self, counted: bool) -> None:
+        if counted:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._none_in_flight.set()
 
     async def intercept_service(
         self,
@@ -163,9 +193,12 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             rid = ""
+            admitted = False
             with structlog.contextvars.bound_contextvars():
                 try:
                     rid = await self._enter(method, ctx)
+                    self._admit(counted=True)
+                    admitted = True
                     checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
                     response = await behavior(checked, ctx)
                 except grpc.aio.AbortError:
@@ -173,6 +206,9 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await self._fail(ctx, exc, rid, started)
                     return None
+                finally:
+                    if admitted:
+                        self._done(counted=True)
                 self._access(grpc.StatusCode.OK, started)
                 return response
 
@@ -188,6 +224,8 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
                 with structlog.contextvars.bound_contextvars():
                     try:
                         rid = await self._enter(method, ctx)
+                        # Open-ended: not waited for when draining, only refused when new.
+                        self._admit(counted=False)
                         checked = _decoded_stream(request, check) if streaming else _decoded(request, check)
                         async for item in behavior(checked, ctx):
                             yield item

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +95,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     service_names: list[str]
+    interceptor: ChassisInterceptor
     _stopped: bool = False
 
     async def stop(self, grace: float | None = None) -> None:
@@ -102,7 +105,13 @@ class RunningServer:
         self._stopped = True
         grace = self.runtime.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # New calls are refused UNAVAILABLE while those in flight finish; only then does gRPC stop
+        # (see ChassisInterceptor.drain), with what is left of the grace period for the streams.
+        started = time.monotonic()
+        self.interceptor.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.interceptor.drained(), grace)
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         for stopper in reversed(self.runtime._stoppers):
             try:
                 await stopper()
@@ -153,7 +162,7 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
         await pool.close()
         raise OSError(f"{module.name}: cannot listen on {settings.host}:{port}")
     await server.start()
-    running = RunningServer(module, server, runtime, health_servicer, bound, names)
+    running = RunningServer(module, server, runtime, health_servicer, bound, names, interceptor)
     try:
         if module.on_start is not None:
             await module.on_start(runtime)

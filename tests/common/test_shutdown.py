@@ -73,3 +73,32 @@ def test_unknown_event_loop_is_refused_by_name() -> None:
 
     with pytest.raises(SystemExit, match="PARLEY_EVENT_LOOP"):
         run(never(), "twisted")
+
+
+async def test_stopping_refuses_new_calls_unavailable_while_in_flight_ones_finish(
+    db_url: str, make_workspace: MakeWorkspace
+) -> None:
+    # gRPC cancels calls it took but had not handed over when the server stops: their callers
+    # get CANCELLED, which clients do not retry. New calls are refused UNAVAILABLE first.
+    from services.common.server import start
+    from tests.common.probe_service import MODULE
+    from tests.helpers import test_settings
+
+    _, key = await make_workspace(db_url)
+    srv = await start(MODULE, test_settings(db_url), port=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        probe = ch.unary_unary(METHOD)
+        in_flight = asyncio.ensure_future(probe(b"sleep:1.0", metadata=key_metadata(key)))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.ensure_future(srv.stop(10.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await probe(b"late", metadata=key_metadata(key))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (info.value.details() or "")
+        assert (await asyncio.wait_for(in_flight, 10)).endswith(b"|key")
+        await asyncio.wait_for(stopping, 10)
+    # The stop waited for the call in flight, not for the whole grace period.
+    assert loop.time() - began < 5
