@@ -33,6 +33,12 @@ CONSUMER = "identity-events"
 # cycles without a wait, so a legitimate run is never this long.
 MAX_STEPS_PER_RUN = 200
 MAX_RETRY_BACKOFF = 300.0
+# A batch of claimed runs keeps its transaction (its claim) open while the runs call identity,
+# messaging and ingest, each call up to its own deadline and queued behind the engine's limit
+# on concurrent runs: the pool's idle limit (60 s) would roll healthy batches back when a peer
+# is slow. This bound still frees the claim of a process that froze.
+RUNS_IDLE_TIMEOUT_MS = 300_000
+_RUNS_IDLE_TIMEOUT = f"SET LOCAL idle_in_transaction_session_timeout = {RUNS_IDLE_TIMEOUT_MS}"
 NOTIFY_CHANNEL = "campaign_due"
 # Outcome events from messaging that feed step stats.
 DELIVERY_EVENTS = {"SMS Delivered": "delivered", "SMS Failed": "failed"}
@@ -248,6 +254,7 @@ class Engine:
         """Claim one batch of due enrollments (SKIP LOCKED), advance each, commit; returns how many."""
         now = now or self.clock.now()
         async with self._holding(), self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_RUNS_IDLE_TIMEOUT)
             rows = await repository.claim_due(conn, now, self.batch_size)
             done = await self._run_claimed(conn, rows, now)
         self.steps_run += done
@@ -799,6 +806,7 @@ class Engine:
         now = self.clock.now()
         prefetched = {(str(f.workspace_id), str(f.enrollment_id)): f.prefetch for f in batch}
         async with self._holding(), self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_RUNS_IDLE_TIMEOUT)
             rows = await repository.claim_fresh(conn, [(f.workspace_id, f.enrollment_id) for f in batch], now)
             done = await self._run_claimed(conn, rows, now, prefetched)
         self.steps_run += done

@@ -93,10 +93,6 @@ def make_module(
         register=register,
         on_start=on_start,
         port_setting="campaign_port",
-        # A batch of claimed runs keeps its transaction (its claim) open while the runs call
-        # identity, messaging and ingest, each call up to its own deadline: ending such a
-        # transaction for idling would roll every run of the batch back, again and again.
-        idle_transaction_timeout=False,
     )
 
 

@@ -65,11 +65,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 # How long a transaction may sit idle, waiting on its service, before PostgreSQL ends it (0: never).
-# identity's and messaging's transactions wait on nothing but their own statements; one left
-# open by a frozen process or a network partition would otherwise hold its locks, and an
-# identity batch's would hold back every subscriber of the event stream (which waits for older
-# open writers, to stay gap-safe), until TCP noticed. Campaign's do wait on calls to other
-# services and run without it (see ServiceModule.idle_transaction_timeout).
+# One left open by a frozen process or a network partition would otherwise hold its locks until
+# TCP noticed (a frozen process's never), and an identity batch's would hold back every
+# subscriber of the event stream (which waits for older open writers, to stay gap-safe).
+# Transactions that wait longer by design set their own limit with SET LOCAL: identity's batches
+# a shorter one, campaign's batches of runs (which call other services) a longer one.
 IDLE_TRANSACTION_TIMEOUT_MS = 60_000
 
 

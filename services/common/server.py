@@ -81,10 +81,6 @@ class ServiceModule:
     # Per method, a request parser to use instead of the generated one, made from the settings
     # (see ingest's salvage.py).
     request_parsers: Callable[[Settings], Mapping[str, Callable[[bytes], Any]]] | None = None
-    # Whether PostgreSQL ends this service's transactions left idle for
-    # PARLEY_DB_IDLE_TRANSACTION_TIMEOUT_MS (services/common/db.py). Off for a service whose
-    # transactions wait, by design, on calls to other services.
-    idle_transaction_timeout: bool = True
 
 
 @dataclass
@@ -132,7 +128,7 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
         dsn,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
-        idle_transaction_timeout_ms=settings.db_idle_transaction_timeout_ms if module.idle_transaction_timeout else 0,
+        idle_transaction_timeout_ms=settings.db_idle_transaction_timeout_ms,
     )
     try:
         await tenancy.migrate(pool)
