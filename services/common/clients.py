@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from services.common.interceptors import WORKSPACE_HEADER
@@ -10,6 +12,27 @@ from services.common.interceptors import WORKSPACE_HEADER
 # the same size (server.py), so a request the client lets out is never refused by its peer;
 # callers that build large requests (ingest's forwarding) size them under this.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# A call a peer answers UNAVAILABLE is made again, on the next replica: Parley's UNAVAILABLE
+# means nothing was done (a replica shutting down refuses new calls with it, see
+# interceptors.ChassisInterceptor.drain), and every call between services is safe to repeat
+# (reads; writes carry message or request ids). gRPC keeps up to a whole message to resend it.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 # Keep channels alive across idle periods and fail fast when a peer is down.
 _CHANNEL_OPTIONS = (
@@ -22,6 +45,9 @@ _CHANNEL_OPTIONS = (
     # Calls spread over every address the peer's name resolves to (a service scaled to N
     # replicas behind one DNS name); gRPC's default would send all of them to the first.
     ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -9,7 +10,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.clients import channel
+from services.common.clients import channel, key_metadata
+from services.common.server import start
+from tests.common.probe_service import METHOD
+from tests.common.probe_service import MODULE as PROBE
+from tests.helpers import MakeWorkspace, test_settings
 
 
 class _Count(grpc.aio.ServerInterceptor):
@@ -44,3 +49,34 @@ async def test_calls_spread_over_the_replicas_of_a_peer() -> None:
     finally:
         for server in servers:
             await server.stop(0)
+
+
+async def test_a_replica_shutting_down_is_passed_over(db_url: str, make_workspace: MakeWorkspace) -> None:
+    # A stopping replica refuses new calls UNAVAILABLE while its calls in flight finish; callers
+    # through a service channel never see it: the call is made again on the other replica.
+    _, key = await make_workspace(db_url)
+    a = await start(PROBE, test_settings(db_url, grace_seconds=10.0), port=0)
+    b = await start(PROBE, test_settings(db_url, grace_seconds=10.0), port=0)
+    codes: Counter[str] = Counter()
+    try:
+        async with channel(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}") as ch:
+            probe = ch.unary_unary(METHOD)
+            for _ in range(4):
+                await probe(b"x", metadata=key_metadata(key), wait_for_ready=True, timeout=5)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as direct:
+                held = asyncio.ensure_future(direct.unary_unary(METHOD)(b"sleep:2", metadata=key_metadata(key)))
+                await asyncio.sleep(0.3)
+                stopping = asyncio.ensure_future(a.stop())
+                await asyncio.sleep(0.1)
+                for _ in range(30):
+                    try:
+                        await probe(b"x", metadata=key_metadata(key), timeout=5)
+                        codes["OK"] += 1
+                    except grpc.aio.AioRpcError as err:
+                        codes[err.code().name] += 1
+                assert (await held).endswith(b"|key")
+                await stopping
+    finally:
+        await a.stop(0)
+        await b.stop(0)
+    assert codes == Counter({"OK": 30})

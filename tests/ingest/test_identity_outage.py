@@ -13,6 +13,7 @@ from parley.common.v1.event_pb2 import EventStatus
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
+from services.common.clients import internal_metadata
 from tests.ingest.conftest import Stack, StackFactory, track
 
 
@@ -56,9 +57,25 @@ async def test_outage_then_retry_stores_once(make_stack: StackFactory) -> None:
     assert sorted(e.event.message_id for e in got.events) == sorted(f"{user}-{i}" for i in range(10))
 
 
+async def _terminate_waiting_backends(blocker: asyncpg.Connection) -> None:
+    """Ends (as a restart or a failover would) the connections waiting for ``blocker``'s lock."""
+    waiting: list[int] = []
+    for _ in range(250):
+        rows = await blocker.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        waiting = [r["pid"] for r in rows]
+        if waiting:
+            break
+        await asyncio.sleep(0.02)
+    assert waiting, "identity never waited for the lock"
+    await blocker.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", waiting)
+
+
 async def test_identity_losing_its_database_connection_mid_call_is_unavailable(stack: Stack) -> None:
     """PostgreSQL ends identity's connection while a batch waits in its transaction (a restart or a
-    failover does that): the caller is told UNAVAILABLE, nothing is stored, and the retry stores it."""
+    failover does that): identity answers UNAVAILABLE with nothing stored (it was INTERNAL, which
+    no one retries, ingest's channel included), and the retry stores the event once."""
     user = f"u-{uuid.uuid4().hex[:8]}"
     event = track("Loan Approved", user_id=user, message_id=f"{user}-0")
     await stack.stub.Track(pb.TrackRequest(event=track("warm", user_id=user)), metadata=stack.md)
@@ -66,30 +83,26 @@ async def test_identity_losing_its_database_connection_mid_call_is_unavailable(s
     try:
         async with blocker.transaction():
             await blocker.execute("LOCK TABLE identity.events IN ACCESS EXCLUSIVE MODE")
-            call = asyncio.ensure_future(stack.stub.Track(pb.TrackRequest(event=event), metadata=stack.md))
-            waiting: list[int] = []
-            for _ in range(250):
-                waiting = [
-                    r["pid"]
-                    for r in await blocker.fetch(
-                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                    )
-                ]
-                if waiting:
-                    break
-                await asyncio.sleep(0.02)
-            assert waiting, "identity never waited for the lock"
-            await blocker.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", waiting)
+            # identity itself, called as ingest calls it but on a channel that does not retry.
+            direct = stack.identity_stub.RecordEvents(
+                ipb.RecordEventsRequest(events=[event]),
+                metadata=internal_metadata(stack.identity.runtime.internal_token, stack.workspace.id),
+            )
+            call = asyncio.ensure_future(direct)
+            await _terminate_waiting_backends(blocker)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         stored = await blocker.fetchval("SELECT count(*) FROM identity.events WHERE message_id = $1", event.message_id)
         assert stored == 0
+        # The client's retry through ingest stores the event, once.
+        response = await retry_until_ok(stack.stub.Track, pb.TrackRequest(event=event), metadata=stack.md)
+        assert isinstance(response, pb.TrackResponse)
+        assert response.result.status == EventStatus.EVENT_STATUS_ACCEPTED
+        stored = await blocker.fetchval("SELECT count(*) FROM identity.events WHERE message_id = $1", event.message_id)
+        assert stored == 1
     finally:
         await blocker.close()
-    response = await retry_until_ok(stack.stub.Track, pb.TrackRequest(event=event), metadata=stack.md)
-    assert isinstance(response, pb.TrackResponse)
-    assert response.result.status == EventStatus.EVENT_STATUS_ACCEPTED
 
 
 async def test_a_stream_failing_after_stored_messages_says_so(make_stack: StackFactory) -> None:
