@@ -84,7 +84,7 @@ def header_key(request: web.Request) -> str | None:
     return ""
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, limit_name: str = "max_http_body_bytes") -> bytes:
     """The body, gunzipped when sent so; 413 as soon as it (compressed or not) passes ``limit``.
 
     Decompression is bounded chunk by chunk, so a gzip bomb costs at most ``limit`` bytes.
@@ -92,9 +92,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip"):
         raise HttpError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; use gzip")
-    too_large = HttpError(
-        413, "payload_too_large", f"request body is over {limit} bytes (max_http_body_bytes)", limit=limit
-    )
+    too_large = HttpError(413, "payload_too_large", f"request body is over {limit} bytes ({limit_name})", limit=limit)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding in ("gzip", "x-gzip") else None
@@ -162,8 +160,12 @@ class HttpIngest:
             )
         # A caller whose key is in the body is unknown until the body is read: it may send at
         # most Segment's batch limit, so strangers cannot make ingest read and decode megabytes.
-        limit = self._max_body if workspace is not None else min(self._max_body, KEYLESS_MAX_BODY_BYTES)
-        body = await read_body(request, limit)
+        if workspace is not None or self._max_body <= KEYLESS_MAX_BODY_BYTES:
+            body = await read_body(request, self._max_body)
+        else:
+            body = await read_body(
+                request, KEYLESS_MAX_BODY_BYTES, "with the key only in the body; send it in the Authorization header"
+            )
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:

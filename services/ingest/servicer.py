@@ -23,6 +23,11 @@ MAX_BATCH_EVENTS = 1000
 # gRPC clients take at most 4 MiB by default (a result is ~90 bytes with UUID ids, up to a few
 # hundred with long ids or violations). A sender with more opens a new stream.
 MAX_STREAM_EVENTS = 10_000
+# What a stream's response may come to: 4 MiB, gRPC clients' default limit, less some room.
+# Past it, results give up their echoed message ids, then all but their first violation (see
+# _stream_response), which keeps 10,000 results well under it.
+MAX_STREAM_RESPONSE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+_REJECTED = int(EventStatus.EVENT_STATUS_REJECTED)
 # Stream messages being validated and forwarded at once.
 STREAM_IN_FLIGHT = 4
 
@@ -189,7 +194,7 @@ class IngestServicer(IngestServiceServicer):
                 if task.done() and not task.cancelled():
                     task.exception()  # the first failure already ends the call; these are moot
                 task.cancel()
-        return pb.IngestStreamResponse(results=results, **_counts(results))
+        return _stream_response(results)
 
 
 _EARLIER_STORED = "events of the stream's earlier messages may be stored; resent, they come back DUPLICATE"
@@ -211,3 +216,22 @@ async def _after(task: asyncio.Task[list[EventResult]], *, stored: bool) -> list
         if not stored:
             raise
         raise Unavailable(f"{exc.message}; {_EARLIER_STORED}") from exc
+
+
+def _stream_response(results: list[EventResult]) -> pb.IngestStreamResponse:
+    """The stream's one response, within what clients accept (``MAX_STREAM_RESPONSE_BYTES``):
+    stored events must be acked. When every result in full would pass it, accepted and duplicate
+    results leave out their message ids (their index names the event); if that is not enough,
+    rejected ones too, and keep only their first violation."""
+    response = pb.IngestStreamResponse(results=results, **_counts(results))
+    if response.ByteSize() <= MAX_STREAM_RESPONSE_BYTES:
+        return response
+    for r in response.results:
+        if r.status != _REJECTED:
+            r.ClearField("message_id")
+    if response.ByteSize() <= MAX_STREAM_RESPONSE_BYTES:
+        return response
+    for r in response.results:
+        r.ClearField("message_id")
+        del r.violations[1:]
+    return response

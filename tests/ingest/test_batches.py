@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from parley.common.v1.event_pb2 import Event, EventStatus, EventType
+from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventType, FieldViolation
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
@@ -157,6 +157,39 @@ async def test_a_rejected_result_echoes_at_most_an_ids_length_of_its_message_id(
     assert result.status == EventStatus.EVENT_STATUS_REJECTED
     assert [v.field for v in result.violations] == ["events[0].message_id"]
     assert result.message_id == long_id[:255]
+
+
+def test_a_streams_response_stays_within_what_clients_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stored events must be acked: past the limit (made small here), results give up their
+    # message ids (accepted and duplicate ones first), then all but their first violation.
+    accepted = [EventResult(index=i, message_id="€" * 255, status=EventStatus.EVENT_STATUS_ACCEPTED) for i in range(10)]
+    rejected = [
+        EventResult(
+            index=10 + i,
+            message_id=f"bad-{i}",
+            status=EventStatus.EVENT_STATUS_REJECTED,
+            violations=[
+                FieldViolation(field="name", description="required"),
+                FieldViolation(field="x", description="y"),
+            ],
+        )
+        for i in range(3)
+    ]
+    results = accepted + rejected
+    full = servicer._stream_response(results)
+    assert full.results[0].message_id and full.ByteSize() > 5_000
+    monkeypatch.setattr(servicer, "MAX_STREAM_RESPONSE_BYTES", 5_000)
+    lighter = servicer._stream_response(results)
+    assert lighter.ByteSize() <= 5_000
+    assert not any(r.message_id for r in lighter.results[:10])
+    assert [(r.message_id, len(r.violations)) for r in lighter.results[10:]] == [(f"bad-{i}", 2) for i in range(3)]
+    monkeypatch.setattr(servicer, "MAX_STREAM_RESPONSE_BYTES", 150)
+    lightest = servicer._stream_response(results)
+    assert lightest.ByteSize() <= 150
+    assert [(r.index, r.message_id, len(r.violations)) for r in lightest.results[10:]] == [
+        (i, "", 1) for i in (10, 11, 12)
+    ]
+    assert (lightest.accepted_count, lightest.rejected_count) == (10, 3)
 
 
 async def test_a_bad_stream_message_is_named(stack: Stack) -> None:

@@ -130,6 +130,7 @@ async def test_a_body_carrying_its_own_key_is_held_to_segments_batch_limit(
     body: dict[str, Any] = {"batch": [{"type": "track", "userId": "u", "event": "E" * 200}] * 3_000}
     status, answer = await post(http, f"{stack.http_url}/v1/batch", {**body, "writeKey": stack.key}, {})
     assert status == 413 and answer["code"] == "payload_too_large" and str(500 * 1024) in answer["message"]
+    assert "Authorization header" in answer["message"]
     # With the key in a header, the body limit is the configured one (the batch is refused for
     # its message count instead).
     status, answer = await post(http, f"{stack.http_url}/v1/batch", body, {"Authorization": f"Bearer {stack.key}"})
