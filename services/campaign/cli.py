@@ -90,7 +90,8 @@ async def _apply(args: argparse.Namespace) -> int:
             return 1
     addr = args.addr or load_settings().campaign_addr
     md = key_metadata(key)
-    async with channel(addr) as ch:
+    # Without retries: creating a campaign by name is not keyed by a request id here.
+    async with channel(addr, retry=False) as ch:
         stub = pb_grpc.CampaignServiceStub(ch)
         for path, campaign in loaded:
             try:

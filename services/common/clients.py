@@ -13,12 +13,17 @@ from services.common.interceptors import WORKSPACE_HEADER
 # callers that build large requests (ingest's forwarding) size them under this.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-# A call a peer answers UNAVAILABLE is made again, on the next replica: Parley's UNAVAILABLE
-# means nothing was done (a replica shutting down refuses new calls with it, see
-# interceptors.ChassisInterceptor.drain), and every call between services is safe to repeat
-# (reads; writes carry message or request ids). gRPC keeps up to a whole message to resend it.
+# A call a peer answers UNAVAILABLE is made again, on another replica: a replica shutting down
+# refuses new calls with it (interceptors.ChassisInterceptor.drain), and a replica whose health
+# says NOT_SERVING is left out of the rotation (healthCheckConfig). Every call one service makes
+# to another is safe to repeat, even when an answer was lost after the work was done: reads,
+# and writes keyed by message or request ids, which find the first attempt's result. Retries
+# are throttled (gRPC's token bucket), so a peer answering UNAVAILABLE under load is not met
+# with three times the calls at every hop.
 _SERVICE_CONFIG = json.dumps(
     {
+        "healthCheckConfig": {"serviceName": ""},
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         "methodConfig": [
             {
                 "name": [{}],
@@ -30,7 +35,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
@@ -45,6 +50,8 @@ _CHANNEL_OPTIONS = (
     # Calls spread over every address the peer's name resolves to (a service scaled to N
     # replicas behind one DNS name); gRPC's default would send all of them to the first.
     ("grpc.lb_policy_name", "round_robin"),
+)
+_RETRYING = (
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
     ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
@@ -64,6 +71,7 @@ def key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def channel(addr: str) -> grpc.aio.Channel:
-    """An insecure channel to a peer on the private network."""
-    return grpc.aio.insecure_channel(addr, options=_CHANNEL_OPTIONS)
+def channel(addr: str, *, retry: bool = True) -> grpc.aio.Channel:
+    """An insecure channel to a peer on the private network; with ``retry``, calls answered
+    UNAVAILABLE are made again (for callers whose every call is safe to repeat: see above)."""
+    return grpc.aio.insecure_channel(addr, options=_CHANNEL_OPTIONS + (_RETRYING if retry else ()))

@@ -255,7 +255,9 @@ class Forwarder:
                 ) from err
             if code in _RETRYABLE:
                 log.warning("identity_unavailable", code=code.name, events=len(events))
-                raise Unavailable("identity is unavailable; the events were not stored, retry") from err
+                raise Unavailable(
+                    "identity is unavailable; the events were not acked, retry (a retry stores each once)"
+                ) from err
             log.error("identity_failed", code=code.name, detail=details, events=len(events))
             raise IdentityFailed(f"events could not be stored ({code.name})") from err
         if len(response.results) != len(events):

@@ -52,8 +52,9 @@ async def test_calls_spread_over_the_replicas_of_a_peer() -> None:
 
 
 async def test_a_replica_shutting_down_is_passed_over(db_url: str, make_workspace: MakeWorkspace) -> None:
-    # A stopping replica refuses new calls UNAVAILABLE while its calls in flight finish; callers
-    # through a service channel never see it: the call is made again on the other replica.
+    # A stopping replica says NOT_SERVING and refuses new calls UNAVAILABLE while its calls in
+    # flight finish; callers through a service channel never see it: the channel leaves it out
+    # of the rotation, and a call it refused is made again on the other replica.
     _, key = await make_workspace(db_url)
     a = await start(PROBE, test_settings(db_url, grace_seconds=10.0), port=0)
     b = await start(PROBE, test_settings(db_url, grace_seconds=10.0), port=0)
@@ -68,15 +69,19 @@ async def test_a_replica_shutting_down_is_passed_over(db_url: str, make_workspac
                 await asyncio.sleep(0.3)
                 stopping = asyncio.ensure_future(a.stop())
                 await asyncio.sleep(0.1)
-                for _ in range(30):
+
+                async def one() -> None:
                     try:
                         await probe(b"x", metadata=key_metadata(key), timeout=5)
                         codes["OK"] += 1
                     except grpc.aio.AioRpcError as err:
                         codes[err.code().name] += 1
+
+                for _ in range(3):  # concurrent calls share the channel's picker
+                    await asyncio.gather(*(one() for _ in range(100)))
                 assert (await held).endswith(b"|key")
                 await stopping
     finally:
         await a.stop(0)
         await b.stop(0)
-    assert codes == Counter({"OK": 30})
+    assert codes == Counter({"OK": 300})
