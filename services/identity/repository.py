@@ -340,6 +340,11 @@ SELECT LEAST(pg_snapshot_xmax(s.snap),
   FROM s"""
 
 
+async def next_transaction_id(db: Db) -> int:
+    """The id the next transaction of this database will get: every stored event's is below it."""
+    return int(await db.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"))
+
+
 async def stream_page(
     conn: asyncpg.Connection, workspace_id: str | None, cursor: Cursor, limit: int
 ) -> tuple[list[EventRow], bool]:

@@ -296,7 +296,7 @@ class IdentityServicer(IdentityServiceServicer):
         start = Cursor.decode(request.cursor)
         if start.xid:
             async with self._reads.connection() as conn:
-                next_xid = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+                next_xid = await repository.next_transaction_id(conn)
             if start.xid >= next_xid:
                 # No transaction has that id yet: a cursor from another database (or one restored
                 # from a dump, whose transaction counter starts lower) would skip every new event
