@@ -20,10 +20,14 @@ from parley.messaging.v1 import messaging_service_pb2_grpc as msg_grpc
 from services.common.clients import channel, internal_metadata
 from services.common.settings import Settings
 
-# Failures worth retrying later: the peer is down or busy. Anything else is final for the step.
+# Failures worth retrying later: the peer is down, busy or stopping. Anything else is final for
+# the step. CANCELLED is among them because this process never sees its own cancellation as a
+# status (a cancelled task gets CancelledError): it comes from a peer that stopped with the call
+# taken but not yet handed to its handler, so nothing was done and the call can be sent again.
 _RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
