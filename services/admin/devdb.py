@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from services.common.embedded import database_url
 from services.common.settings import load_settings
+
+# How long ``stop`` waits for the server to finish its shutdown checkpoint.
+STOP_WAIT_SECONDS = 60.0
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The running postmaster's pid from ``postmaster.pid`` (its first line), None when none runs."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale file left by a crash
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
+
+
+def stop_server(pgdata: Path, wait: float = STOP_WAIT_SECONDS) -> bool:
+    """Stop the server running on ``pgdata`` the way ``pg_ctl stop`` does by default (SIGINT, a
+    fast shutdown: sessions are ended, a checkpoint is written), and wait until it is gone.
+
+    Signalled directly rather than through the embedded server's handle, which stops the server
+    only when the process asking started it (``make run`` hands over to the service runner, so
+    nothing ever would). False when no server was running.
+    """
+    pid = _postmaster_pid(pgdata)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + wait
+    while _postmaster_pid(pgdata) == pid:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"PostgreSQL (pid {pid}) on {pgdata} did not stop within {wait:.0f} s")
+        time.sleep(0.05)
+    return True
 
 
 def main(argv: list[str]) -> int:
@@ -19,14 +60,11 @@ def main(argv: list[str]) -> int:
         if settings.database_url:
             print("PARLEY_DATABASE_URL is set; nothing embedded to stop")
             return 0
-        import pgserver
-
         pgdata = Path(settings.data_dir) / "pgdata"
-        if not pgdata.exists():
-            print("no embedded database")
-            return 0
-        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
-        print(f"stopped embedded PostgreSQL in {pgdata}")
+        if stop_server(pgdata):
+            print(f"stopped embedded PostgreSQL in {pgdata}")
+        else:
+            print(f"no embedded PostgreSQL running in {pgdata}")
         return 0
     print("usage: python -m services.admin.devdb [url|stop]", file=sys.stderr)
     return 2

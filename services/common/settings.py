@@ -25,7 +25,7 @@ class Settings:
     db_idle_transaction_timeout_ms: int = 60_000
 
     log_level: str = "info"
-    # "json" (default), or "console" for humans; "auto" picks console on a TTY.
+    # "json", "console" for humans, or "auto" (default): console on a terminal, JSON otherwise.
     log_format: str = "auto"
 
     # "uvloop" (default: libuv's event loop, faster for gRPC and asyncpg) or "asyncio" (the standard one).
@@ -41,7 +41,8 @@ class Settings:
     ingest_http_port: int = 8080
     messaging_http_port: int = 8081
 
-    # Where each service reaches its peers.
+    # Where each service reaches its peers. Unset, a peer whose port is set is reached on that
+    # port of this machine (``load_settings``).
     ingest_addr: str = "127.0.0.1:50051"
     identity_addr: str = "127.0.0.1:50052"
     campaign_addr: str = "127.0.0.1:50053"
@@ -73,6 +74,7 @@ class Settings:
     twilio_api_base_url: str = "https://api.twilio.com"
     twilio_from_number: str | None = None
     # Public base URL of the messaging webhooks, as the provider calls them (signatures cover it).
+    # Unset, it follows ``messaging_http_port``.
     public_base_url: str = "http://127.0.0.1:8081"
     # Compliance defaults.
     send_window_start: str = "08:00"
@@ -108,4 +110,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             values[field.name] = _coerce(raw, str(field.type))
         except ValueError as exc:
             raise ValueError(f"{name}={raw!r} is not a valid {field.type}") from exc
+    # One machine with moved ports (``make run`` beside something on the defaults): the peers'
+    # addresses follow the ports unless they are set themselves.
+    for service in ("ingest", "identity", "campaign", "messaging"):
+        if f"{service}_port" in values and f"{service}_addr" not in values:
+            values[f"{service}_addr"] = f"127.0.0.1:{values[f'{service}_port']}"
+    if "messaging_http_port" in values and "public_base_url" not in values:
+        values["public_base_url"] = f"http://127.0.0.1:{values['messaging_http_port']}"
     return Settings(**values)

@@ -34,6 +34,7 @@ def test_variables_are_real_settings_and_ports_match_defaults() -> None:
         assert port in published
         assert svc["healthcheck"]["test"][-1] == f"127.0.0.1:{port}"
         assert svc["command"] == ["python", "-m", f"services.{name}"]
+        assert (svc["build"], svc["image"]) == (".", "parley:latest")  # one image for all four
         for http in ("ingest_http_port", "messaging_http_port"):
             if http.startswith(name):
                 assert int(env[f"PARLEY_{http.upper()}"]) == getattr(DEFAULTS, http) in published
