@@ -12,6 +12,10 @@ from parley.common.v1.contact_pb2 import FilterOperator, PropertyFilter
 from services.common.errors import InvalidArgument, Violation
 
 MAX_FILTERS = 20
+# Parts of a dotted key. Stored properties nest at most 8 deep (ingest's limit), so a longer path
+# can match nothing; the bound keeps the containment object built from it (``repository``)
+# within what the JSON encoder nests.
+MAX_KEY_PARTS = 32
 
 _OPS = {
     FilterOperator.FILTER_OPERATOR_EQ: "eq",
@@ -47,6 +51,8 @@ def conditions(filters: Sequence[PropertyFilter], field: str = "filters") -> lis
         path = f.key.split(".") if f.key else []
         if not path or any(not part for part in path):
             bad.append(Violation(f"{name}.key", "required: a property name or dotted path like address.city"))
+        elif len(path) > MAX_KEY_PARTS:
+            bad.append(Violation(f"{name}.key", f"at most {MAX_KEY_PARTS} dotted parts; properties nest at most 8 deep"))
         op = _OPS.get(f.operator)
         if op is None:
             bad.append(Violation(f"{name}.operator", "unknown or unspecified operator"))

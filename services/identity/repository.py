@@ -136,7 +136,9 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         member = f"(jsonb_typeof({p}) = 'array' AND {p} @> {bind([v], 'jsonb')})"
         if not isinstance(v, str):
             return member
-        substring = f"strpos(lower({p} #>> '{{}}'), {bind(v.lower(), 'text')}) > 0"
+        # Both sides lowered by PostgreSQL: Python's and the database's case rules differ beyond
+        # ASCII (a string must always contain itself).
+        substring = f"strpos(lower({p} #>> '{{}}'), lower({bind(v, 'text')})) > 0"
         return f"(CASE WHEN jsonb_typeof({p}) = 'string' THEN {substring} ELSE {member} END)"
     if op == "in":
         # Equal to one of the operand's elements (jsonb equality: 3 and 3.0 are equal).

@@ -32,7 +32,7 @@ def decode_page_token(token: str, query: str, field: str = "page_token") -> list
         position = data["p"]
         if not isinstance(position, list) or data["q"] != query:
             raise ValueError
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # nested past the parser's depth
         raise InvalidArgument.field(field, _NOT_OURS) from exc
     return position
 

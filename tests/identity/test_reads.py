@@ -138,6 +138,12 @@ async def test_filters_compare_like_values_only_and_in_means_equal_to_one(
         odd_traits = {"phone": phone, "first_name": "Odd", "odd": odd}
         await identity.record(tenant, identify(odd_traits, user_id=uid(), phone=phone))
         assert await who(flt("odd", OP.FILTER_OPERATOR_GTE, 0)) == []
+    # Beyond ASCII too, a string contains itself: both sides are lowered by the same rules.
+    for phone, city in (("+14155550015", "İstanbul"), ("+14155550016", "ΟΔΟΣ")):
+        traits = {"phone": phone, "first_name": city, "city": city}
+        await identity.record(tenant, identify(traits, user_id=uid(), phone=phone))
+    assert await who(flt("city", OP.FILTER_OPERATOR_CONTAINS, "İstanbul")) == ["İstanbul"]
+    assert await who(flt("city", OP.FILTER_OPERATOR_CONTAINS, "ΟΔΟΣ")) == ["ΟΔΟΣ"]
 
 
 async def test_list_contacts_orders_and_pages(identity: Identity, audience: tuple[Tenant, dict[str, str]]) -> None:
@@ -244,9 +250,12 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
         (ipb.ListContactsRequest(page_size=1001), "page_size"),
         (ipb.ListContactsRequest(page_size=-1), "page_size"),
         (ipb.ListContactsRequest(page_token="garbage"), "page_token"),
+        # JSON nested past the parser's depth.
+        (ipb.ListContactsRequest(page_token=base64.urlsafe_b64encode(b"[" * 3000).decode()), "page_token"),
         (ipb.ListContactsRequest(filters=[PropertyFilter(key="a", operator=99)]), "filters[0].operator"),  # type: ignore[arg-type]
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_UNSPECIFIED)]), "filters[0].operator"),
         (ipb.ListContactsRequest(filters=[flt("", OP.FILTER_OPERATOR_EXISTS)]), "filters[0].key"),
+        (ipb.ListContactsRequest(filters=[flt(".".join("a" * 1000), OP.FILTER_OPERATOR_EQ, "x")]), "filters[0].key"),
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_EQ)]), "filters[0].value"),
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_GT, True)]), "filters[0].value"),
         (ipb.ListContactsRequest(filters=[flt("a", OP.FILTER_OPERATOR_IN, "x")]), "filters[0].value"),
@@ -275,6 +284,12 @@ async def test_bad_input_on_every_read_names_the_field(identity: Identity, tenan
         (ipb.ListContactEventsRequest(contact_id="x"), "contact_id"),
         (ipb.ListContactEventsRequest(contact_id=contact_id, page_size=5000), "page_size"),
         (ipb.ListContactEventsRequest(contact_id=contact_id, page_token="%%%"), "page_token"),
+        (
+            ipb.ListContactEventsRequest(
+                contact_id=contact_id, page_token=base64.urlsafe_b64encode(b"{" * 3000).decode()
+            ),
+            "page_token",
+        ),
         (
             ipb.ListContactEventsRequest(
                 contact_id=contact_id, start_time=ts(BASE_TIME), end_time=ts(BASE_TIME - timedelta(1))
