@@ -52,7 +52,7 @@ def conditions(filters: Sequence[PropertyFilter], field: str = "filters") -> lis
         if not path or any(not part for part in path):
             bad.append(Violation(f"{name}.key", "required: a property name or dotted path like address.city"))
         elif len(path) > MAX_KEY_PARTS:
-            bad.append(Violation(f"{name}.key", f"at most {MAX_KEY_PARTS} dotted parts; properties nest at most 8 deep"))
+            bad.append(Violation(f"{name}.key", f"at most {MAX_KEY_PARTS} dotted parts"))
         op = _OPS.get(f.operator)
         if op is None:
             bad.append(Violation(f"{name}.operator", "unknown or unspecified operator"))
