@@ -15,7 +15,8 @@ from services.identity.filters import Condition
 from services.identity.tokens import Cursor
 
 NOTIFY_CHANNEL = "parley_identity_events"
-# A contact's id lists are for display; a contact with more ids than this lists the first ones.
+# A contact's (and a user's) id lists are for display; one with more ids than this lists the first
+# ones: a user can gather any number of anonymous ids, each up to 255 characters.
 MAX_IDS_PER_CONTACT = 100
 
 
@@ -185,10 +186,12 @@ class EventRow:
     xid: int = 0
 
 
-# The most event payload one response carries, whatever the page size asked: a page of 1,000
-# events of up to 32 KiB each would pass gRPC's 16 MiB message limit, and the call would fail
-# (for a stream subscriber, again on every reconnect to the same cursor).
-MAX_PAGE_PAYLOAD_BYTES = 8 * 1024 * 1024
+# The most event payload (or, for ListContacts, contact data) one response carries, whatever the
+# page size asked: a page of 1,000 events of up to 32 KiB each would pass any message limit, and
+# the call would fail (for a stream subscriber, again on every reconnect to the same cursor).
+# 3 MiB keeps a page, with what else the response holds, within the 4 MiB a gRPC client accepts
+# by default (grpcurl's too).
+MAX_PAGE_PAYLOAD_BYTES = 3 * 1024 * 1024
 
 
 def within_payload_budget(rows: list[EventRow]) -> list[EventRow]:
@@ -286,11 +289,11 @@ async def user_by_identity(
             f"""SELECT u.user_key, u.contact_id, u.phone, u.traits, u.create_time,
                       ARRAY(SELECT x.external_id FROM identity.identities x WHERE x.workspace_id = u.workspace_id
                              AND x.user_key = u.user_key AND x.kind = 'user'
-                           ORDER BY x.create_time, {_ALIAS_TWIN_LAST.format(i="x")}, x.external_id)
-                        AS user_ids,
+                           ORDER BY x.create_time, {_ALIAS_TWIN_LAST.format(i="x")}, x.external_id
+                           LIMIT {MAX_IDS_PER_CONTACT}) AS user_ids,
                       ARRAY(SELECT x.external_id FROM identity.identities x WHERE x.workspace_id = u.workspace_id
                              AND x.user_key = u.user_key AND x.kind = 'anonymous'
-                             ORDER BY x.create_time, x.external_id) AS anonymous_ids
+                             ORDER BY x.create_time, x.external_id LIMIT {MAX_IDS_PER_CONTACT}) AS anonymous_ids
                  FROM identity.identities i
                  JOIN identity.users u ON u.workspace_id = i.workspace_id AND u.user_key = i.user_key
                 WHERE i.workspace_id = $1 AND i.kind = $2 AND i.external_id = $3""",

@@ -225,12 +225,21 @@ class IdentityServicer(IdentityServiceServicer):
         after = None if position is None else time_and_id(position)
         async with self._reads.connection() as conn:
             rows = await repository.list_contacts(conn, workspace.id, conds, order, request.descending, size + 1, after)
+        # Up to the page size and the byte budget of one response (a contact's properties can be
+        # large); at least one contact, and the token after the last one sent.
+        contacts: list[Contact] = []
+        total = 0
+        for row in rows[:size]:
+            contact = contact_proto(row)
+            total += contact.ByteSize()
+            if total > repository.MAX_PAGE_PAYLOAD_BYTES and contacts:
+                break
+            contacts.append(contact)
         token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = rows[-1]
+        if len(rows) > len(contacts):
+            last = rows[len(contacts) - 1]
             token = encode_page_token(query, [time_text(getattr(last, order)), str(last.id)])
-        return pb.ListContactsResponse(contacts=[contact_proto(r) for r in rows], next_page_token=token)
+        return pb.ListContactsResponse(contacts=contacts, next_page_token=token)
 
     async def ListContactEvents(
         self, request: pb.ListContactEventsRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ from parley.common.v1.contact_pb2 import FilterOperator, PropertyFilter
 from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.errors import field_violations
+from services.identity import repository
 from tests.helpers import MakeWorkspace
 from tests.identity.conftest import BASE_TIME, Identity, Tenant, identify, track, ts, uid
 
@@ -393,3 +394,38 @@ async def test_reads_need_a_key(identity: Identity) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await identity.stub.GetContact(ipb.GetContactRequest(phone="+14155552671"))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_contact_pages_stay_under_the_response_budget(
+    identity: Identity, make_workspace: MakeWorkspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A contact's properties gather over many identifies: a page ends at the byte budget (made
+    # small here) with a token after its last contact, and holds one contact even if that alone
+    # is over it.
+    monkeypatch.setattr(repository, "MAX_PAGE_PAYLOAD_BYTES", 5_000)
+    tenant = await identity.tenant(make_workspace)
+    phones = [f"+1415555{3000 + i:04d}" for i in range(7)]
+    for i, phone in enumerate(phones):
+        blob = "x" * (6_000 if i == 3 else 2_000)
+        await identity.record(tenant, identify({"phone": phone, "blob": blob}, user_id=uid(), phone=phone))
+    seen: list[str] = []
+    sizes: list[int] = []
+    token = ""
+    while True:
+        request = ipb.ListContactsRequest(page_size=1000, page_token=token)
+        got = await identity.stub.ListContacts(request, metadata=tenant.md)
+        seen += [c.phone for c in got.contacts]
+        sizes.append(len(got.contacts))
+        token = got.next_page_token
+        if not token:
+            break
+    assert seen == phones  # every contact once, in order
+    assert max(sizes) == 2 and 1 in sizes
+
+
+async def test_get_user_lists_at_most_a_hundred_ids_of_each_kind(identity: Identity, tenant: Tenant) -> None:
+    user = uid()
+    await identity.record(tenant, *[track(user_id=user, anonymous_id=f"anon-{i:03d}") for i in range(150)])
+    got = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user, event_limit=1), metadata=tenant.md)
+    assert len(got.user.anonymous_ids) == repository.MAX_IDS_PER_CONTACT == 100
+    assert list(got.user.user_ids) == [user]
