@@ -102,19 +102,21 @@ def _connection_closed(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and ("closed" in text or "released back to the pool" in text)
 
 
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the message a caller may see for ``exc`` (INTERNAL for a bug)."""
+    if isinstance(exc, ParleyError):
+        return exc.code, exc.message
+    for kind, mapped, text in _DB_ERRORS:
+        if isinstance(exc, kind):
+            return mapped, text
+    if _connection_closed(exc):
+        return grpc.StatusCode.UNAVAILABLE, "database connection lost; retry"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
 def to_status(exc: BaseException) -> grpc.Status:
     """The status (with ``google.rpc`` details) a caller gets for ``exc``; never leaks internals."""
-    if isinstance(exc, ParleyError):
-        code, message = exc.code, exc.message
-    else:
-        code, message = grpc.StatusCode.INTERNAL, "internal error"
-        for kind, mapped, text in _DB_ERRORS:
-            if isinstance(exc, kind):
-                code, message = mapped, text
-                break
-        else:
-            if _connection_closed(exc):
-                code, message = grpc.StatusCode.UNAVAILABLE, "database connection lost; retry"
+    code, message = classify(exc)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if isinstance(exc, InvalidArgument) and exc.violations:
         detail = any_pb2.Any()

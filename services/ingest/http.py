@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import time
 import uuid
@@ -13,13 +12,14 @@ from collections.abc import Awaitable, Callable
 from itertools import islice
 from typing import Any
 
+import grpc
 import structlog
 from aiohttp import web
 from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, FieldViolation
 
 from services.common import context
 from services.common.context import Workspace
-from services.common.errors import ParleyError, Unauthenticated, Unavailable, Violation
+from services.common.errors import ParleyError, Unauthenticated, Unavailable, Violation, classify
 from services.common.server import Runtime
 from services.common.tenancy import KeyVerifier
 from services.ingest.pipeline import Ingestor, Namer
@@ -78,7 +78,7 @@ def header_key(request: web.Request) -> str | None:
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 once decoded
             return ""
         return decoded.partition(":")[0]
     return ""
@@ -303,9 +303,16 @@ async def _errors(
             response = HttpError(500, "internal", exc.message).response()
         except web.HTTPException:
             raise
-        except Exception:
-            log.exception("http_unhandled_error")
-            response = HttpError(500, "internal", "internal error").response()
+        except Exception as exc:
+            code, message = classify(exc)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # The database restarting or failing over (the key check reads it): a retry will do,
+                # as the gRPC API says with UNAVAILABLE.
+                log.warning("http_unavailable", error=repr(exc))
+                response = HttpError(503, "unavailable", message).response()
+            else:
+                log.exception("http_unhandled_error")
+                response = HttpError(500, "internal", "internal error").response()
         response.headers["X-Request-Id"] = rid
         request.app[RESPONSES][response.status] += 1
         log.info("http", status=response.status, duration_ms=round((time.perf_counter() - started) * 1000, 2))

@@ -3,6 +3,7 @@ many items, long error lists, and CORS for browser SDKs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -10,9 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
+from aiohttp import web
 
-from services.ingest.http import MAX_BATCH_MESSAGES, MAX_LISTED_ERRORS
+from services.common.tenancy import KeyVerifier
+from services.ingest.http import MAX_BATCH_MESSAGES, MAX_LISTED_ERRORS, build_app
 from tests.ingest.conftest import Stack
 from tests.ingest.test_http import basic, events_of, uid
 
@@ -157,3 +161,32 @@ async def test_every_answer_allows_any_origin(
     async with http.post(stack.http_url + path, data=json.dumps(body), headers=headers) as resp:
         assert resp.status == status
         assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+# --- Failures that are not the client's -------------------------------------------------------
+
+
+async def test_a_database_outage_during_the_key_check_is_503(http: aiohttp.ClientSession) -> None:
+    # Nothing listens on port 1: every connection the key check makes is refused, as while the
+    # database restarts. The client is told to retry (503), as gRPC callers get UNAVAILABLE.
+    pool = await asyncpg.create_pool("postgresql://parley@127.0.0.1:1/parley", min_size=0, max_size=1)
+    app = build_app(None, KeyVerifier(pool, internal="unused"), 1024 * 1024)  # type: ignore[arg-type]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        body = json.dumps({"userId": "u", "event": "E"}).encode()
+        status, answer = await post_raw(http, f"http://127.0.0.1:{port}/v1/track", body, basic("pk_some_key"))
+        assert (status, answer["code"]) == (503, "unavailable"), answer
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
+async def test_basic_credentials_that_are_not_ascii_are_401(stack: Stack, http: aiohttp.ClientSession) -> None:
+    credentials = base64.b64encode(f"{stack.key}:".encode()).decode() + "\u00e9"
+    body = json.dumps({"userId": "u", "event": "E"}).encode()
+    status, answer = await post_raw(http, f"{stack.http_url}/v1/track", body, {"Authorization": f"Basic {credentials}"})
+    assert (status, answer["code"]) == (401, "unauthorized"), answer
