@@ -157,7 +157,14 @@ def from_segment(
         event.name = r.text("name")
 
     context = {**(batch_context or {}), **r.obj("context")}
-    integrations = {**(batch_integrations or {}), **r.obj("integrations")}
+    # Hints from the batch, then the message's context, then its own top level: the nearest wins
+    # per destination, and none is lost (SDKs put them in either place).
+    own = context.get("integrations")
+    integrations = {
+        **(batch_integrations or {}),
+        **(own if isinstance(own, dict) else {}),
+        **r.obj("integrations"),
+    }
     if integrations:
         # Parley has no destinations to route to; the hints are kept with the context.
         context["integrations"] = integrations
@@ -172,8 +179,9 @@ def from_segment(
         # contact properties (nor make the group's phone a contact).
         properties = {**traits, **properties}
         traits = {}
-    elif event.type in _CATEGORIZED and "category" in item and "category" not in properties:
-        # Segment's SDKs send a page's or screen's category at the top level.
+    elif event.type in _CATEGORIZED and item.get("category") is not None and "category" not in properties:
+        # Segment's SDKs send a page's or screen's category at the top level (analytics-python
+        # sends null when there is none).
         properties = {**properties, "category": item["category"]}
     r.struct("properties", event.properties, properties)
     r.struct("traits", event.traits, traits)

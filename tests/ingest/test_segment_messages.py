@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import json_format
 from parley.common.v1.event_pb2 import Event, EventType
 
 from services.ingest.segment import from_regal, from_segment, json_field, parse_time
@@ -116,3 +117,31 @@ def test_json_field_names() -> None:
     assert json_field(Event(), "user_id") == "userId"
     assert json_field(Event(), "original_timestamp") == "timestamp"
     assert json_field(Event(), "traits.phone") == "traits.phone"
+
+
+def test_integrations_from_every_level_are_kept_the_nearest_winning() -> None:
+    event, violations = from_segment(
+        {
+            "type": "track",
+            "event": "E",
+            "userId": "u",
+            "context": {"ip": "3.3.3.3", "integrations": {"Mine": True, "Shared": "context"}},
+            "integrations": {"Shared": "message"},
+        },
+        batch_integrations={"Amplitude": True, "Mine": False},
+    )
+    assert violations == [] and event is not None
+    hints = json_format.MessageToDict(event.context.fields["integrations"].struct_value)
+    assert hints == {
+        "Amplitude": True,
+        "Mine": True,
+        "Shared": "message",
+    }
+
+
+def test_a_null_page_category_is_no_property() -> None:
+    # analytics-python's page() sends "category": null when none is given.
+    event, _ = from_segment({"type": "page", "userId": "u", "name": "Home", "category": None})
+    assert event is not None and "category" not in event.properties
+    event, _ = from_segment({"type": "page", "userId": "u", "name": "Home", "category": "Docs"})
+    assert event is not None and event.properties["category"] == "Docs"
