@@ -274,12 +274,21 @@ def _set_event_time(event: Event, received_at: Timestamp, out: list[Violation]) 
     skew-corrected one, or ``original_timestamp`` itself when there is no ``sent_at`` to correct it.
     """
     received = received_at.seconds * NANOS + received_at.nanos
-    event.received_at.CopyFrom(received_at)
+    # A client may give an earlier received time: events a platform received before and kept
+    # with its stamps (a Segment archive replayed through /v1/import), whose event time then comes
+    # out as that platform corrected it. Never a later one: it would move the sanity limits.
+    _, given = _stamp(event, "received_at", event.received_at, out)
+    if given is not None and given > received:
+        out.append(Violation("received_at", "after the event reached Parley"))
+    elif given is not None:
+        received = given
+    else:
+        event.received_at.CopyFrom(received_at)
     has_original, original = _stamp(event, "original_timestamp", event.original_timestamp, out)
     has_sent, sent = _stamp(event, "sent_at", event.sent_at, out)
     if original is None:
         if not has_original:
-            event.timestamp.CopyFrom(received_at)
+            event.timestamp.CopyFrom(event.received_at)
         return
     if sent is not None:
         # Segment's clock-skew correction: the device's clock may be off, but the interval

@@ -30,6 +30,7 @@ _JSON_NAMES = {
     "message_id": "messageId",
     "original_timestamp": "timestamp",
     "sent_at": "sentAt",
+    "received_at": "receivedAt",
     "previous_id": "previousId",
     "group_id": "groupId",
 }
@@ -191,6 +192,8 @@ def from_segment(
         r.time("timestamp", event.original_timestamp)
     if not r.time("sentAt", event.sent_at) and batch_sent_at is not None:
         event.sent_at.CopyFrom(batch_sent_at)
+    # Only messages a platform received before carry it (a Segment archive); see normalize.
+    r.time("receivedAt", event.received_at)
     return event, r.violations
 
 

@@ -427,3 +427,31 @@ async def test_single_endpoints(
     assert (status, answer) == (200, {"success": True})
     stored = await events_of(stack, user)
     assert [e.event.type for e in stored] == [kind]
+
+
+async def test_import_of_an_archived_segment_message_keeps_its_event_time(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    # A message as Segment's archives hold it, with Segment's own stamps: replayed, it keeps the
+    # time Segment worked out, not the time of the replay.
+    user = uid()
+    message = {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": user,
+        "messageId": f"{user}-archived",
+        "originalTimestamp": "2026-06-01T10:00:00.000Z",
+        "sentAt": "2026-06-01T10:00:01.000Z",
+        "timestamp": "2026-06-01T10:00:00.900Z",
+        "receivedAt": "2026-06-01T10:00:01.900Z",
+    }
+    status, answer = await post(http, f"{stack.http_url}/v1/import", {"batch": [message]}, basic(stack.key))
+    assert (status, answer) == (200, {"success": True})
+    [stored] = await events_of(stack, user)
+    assert stored.event.timestamp.ToJsonString() == "2026-06-01T10:00:00.900Z"
+    assert stored.event.received_at.ToJsonString() == "2026-06-01T10:00:01.900Z"
+    # A received time after now is refused, naming the field as sent.
+    late = {**message, "messageId": f"{user}-late", "receivedAt": "2999-01-01T00:00:00Z"}
+    status, answer = await post(http, f"{stack.http_url}/v1/import", {"batch": [late]}, basic(stack.key))
+    assert (status, answer["code"]) == (400, "invalid_events")
+    assert [e["field"] for e in answer["errors"]] == ["batch[0].receivedAt"]

@@ -127,6 +127,27 @@ def test_timestamp_without_original_is_received_at() -> None:
     assert event.timestamp == event.received_at
 
 
+def test_an_earlier_received_at_is_kept_and_corrects_against_it() -> None:
+    # A message another platform received and stamped (an archive replayed): its event time comes
+    # out as that platform corrected it.
+    received = NOW - timedelta(days=200)
+    event = track(
+        original_timestamp=ts(received - timedelta(hours=2, seconds=1)),  # the device two hours behind
+        sent_at=ts(received - timedelta(hours=2)),
+        received_at=ts(received),
+    )
+    assert check(event) == []
+    assert event.received_at.ToDatetime(UTC) == received
+    assert event.timestamp.ToDatetime(UTC) == received - timedelta(seconds=1)
+    alone = track(received_at=ts(received))
+    assert check(alone) == [] and alone.timestamp == alone.received_at == ts(received)
+
+
+def test_a_later_received_at_is_a_violation() -> None:
+    event = track(received_at=ts(NOW + timedelta(seconds=1)))
+    assert [field for field, _ in check(event)] == ["received_at"]
+
+
 def test_phone_from_context_traits() -> None:
     event = track(user_id="", context=struct({"traits": {"phone": "+1 (415) 555-2671"}}))
     assert check(event) == []
