@@ -50,6 +50,8 @@ def json_field(event: Event, field: str) -> str:
 def parse_time(value: str) -> Timestamp:
     """An ISO-8601 time (``Z`` or an offset; seconds, milliseconds or microseconds); naive means UTC."""
     text = value.strip()
+    if text.endswith("z"):  # RFC 3339 allows a lower-case zone letter; fromisoformat does not
+        text = text[:-1] + "Z"
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)

@@ -18,6 +18,7 @@ from services.ingest.segment import from_regal, from_segment, json_field, parse_
         ("2026-01-01T10:00:00.123Z", "2026-01-01T10:00:00.123Z"),
         ("2026-01-01T10:00:00.123456Z", "2026-01-01T10:00:00.123456Z"),
         ("2026-01-01T10:00:00", "2026-01-01T10:00:00Z"),
+        ("2026-01-01t10:00:00.5z", "2026-01-01T10:00:00.500Z"),  # RFC 3339's lower-case letters
     ],
 )
 def test_iso_times_parse(text: str, iso: str) -> None:
