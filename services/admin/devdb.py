@@ -27,7 +27,23 @@ def _postmaster_pid(pgdata: Path) -> int | None:
         return None  # a stale file left by a crash
     except PermissionError:
         pass  # alive, another user's
-    return pid
+    return pid if _runs_on(pid, pgdata) else None
+
+
+def _runs_on(pid: int, pgdata: Path) -> bool:
+    """Whether ``pid`` is a postgres started on ``pgdata`` (``-D``): a stale pid file's pid may have
+    been reused by another process, which must not be signalled. Where there is no ``/proc`` to
+    ask, the pid file is trusted, as ``pg_ctl`` trusts it."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    try:
+        args = [os.fsdecode(a) for a in (proc / str(pid) / "cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return False  # gone meanwhile
+    if not args or Path(args[0]).name != "postgres" or "-D" not in args[:-1]:
+        return False
+    return Path(args[args.index("-D") + 1]).resolve() == pgdata.resolve()
 
 
 def stop_server(pgdata: Path, wait: float = STOP_WAIT_SECONDS) -> bool:

@@ -46,3 +46,18 @@ def test_stop_ends_a_server_another_process_started(tmp_path: Path) -> None:
     assert _gone(pid)
     # Nothing left to stop, and it says so.
     assert "no embedded PostgreSQL running" in _db_stop(tmp_path)
+
+
+def test_a_stale_pid_file_naming_another_process_is_left_alone(tmp_path: Path) -> None:
+    # A crash left postmaster.pid behind and its pid now belongs to something else (here, a
+    # sleeping child): stop must not signal it.
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (pgdata / "postmaster.pid").write_text(f"{other.pid}\n{pgdata}\n")
+        assert "no embedded PostgreSQL running" in _db_stop(tmp_path)
+        assert other.poll() is None  # still running
+    finally:
+        other.kill()
+        other.wait()
