@@ -120,6 +120,20 @@ class RunningServer:
         log.info("stopped", service=self.module.name)
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """The library's health service, plus ``List`` (every service's status in one call), which the
+    health protocol defines and the library leaves unimplemented."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()
+            }
+        )
+
+
 async def start(module: ServiceModule, settings: Settings, *, port: int | None = None) -> RunningServer:
     """Start ``module``: pool up, migrations applied, then listen; health turns SERVING last."""
     # In a thread: starting the embedded server blocks, and the loop may already serve others.
@@ -144,7 +158,7 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     interceptor = ChassisInterceptor(verifier, self_checked=module.self_checked, parsers=parsers)
     server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
     names = list(module.register(server, runtime))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -39,6 +39,9 @@ async def test_service_starts_serving_with_reflection(name: str, new_database: C
             for service in ["", *EXPECTED[name]]:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+            listing = await stub.List(health_pb2.HealthListRequest(), timeout=10)
+            serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            assert dict(listing.statuses) == {service: serving for service in ["", *EXPECTED[name]]}
         listed = await asyncio.to_thread(_reflected_services, target)
         assert EXPECTED[name] <= listed
         assert "grpc.health.v1.Health" in listed
