@@ -153,6 +153,12 @@ class HttpIngest:
 
     async def _payload(self, request: web.Request) -> tuple[Workspace, dict[str, Any]]:
         key = header_key(request)
+        if key == "":
+            raise HttpError(
+                401,
+                "unauthorized",
+                "the Authorization header holds no readable API key: send Basic base64(<key>:) or Bearer <key>",
+            )
         workspace = await self._authenticate(key) if key is not None else None
         if request.content_type not in _CONTENT_TYPES:
             raise HttpError(

@@ -190,3 +190,4 @@ async def test_basic_credentials_that_are_not_ascii_are_401(stack: Stack, http: 
     body = json.dumps({"userId": "u", "event": "E"}).encode()
     status, answer = await post_raw(http, f"{stack.http_url}/v1/track", body, {"Authorization": f"Basic {credentials}"})
     assert (status, answer["code"]) == (401, "unauthorized"), answer
+    assert "no readable API key" in answer["message"]
