@@ -43,7 +43,13 @@ def _runs_on(pid: int, pgdata: Path) -> bool:
         return False  # gone meanwhile
     if not args or Path(args[0]).name != "postgres" or "-D" not in args[:-1]:
         return False
-    return Path(args[args.index("-D") + 1]).resolve() == pgdata.resolve()
+    data = Path(args[args.index("-D") + 1])
+    if not data.is_absolute():  # relative to the postmaster's working directory, not ours
+        try:
+            data = (proc / str(pid) / "cwd").resolve(strict=True) / data
+        except OSError:
+            return False
+    return data.resolve() == pgdata.resolve()
 
 
 def stop_server(pgdata: Path, wait: float = STOP_WAIT_SECONDS) -> bool:
@@ -57,7 +63,10 @@ def stop_server(pgdata: Path, wait: float = STOP_WAIT_SECONDS) -> bool:
     pid = _postmaster_pid(pgdata)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGINT)
+    try:
+        os.kill(pid, signal.SIGINT)
+    except PermissionError as exc:
+        raise PermissionError(f"PostgreSQL (pid {pid}) on {pgdata} runs as another user; stop it as that user") from exc
     deadline = time.monotonic() + wait
     while _postmaster_pid(pgdata) == pid:
         if time.monotonic() > deadline:

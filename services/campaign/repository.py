@@ -44,7 +44,7 @@ def decode_token(token: str, n: int) -> list[str]:
         if not isinstance(parts, list) or len(parts) != n:
             raise ValueError
         return [str(p) for p in parts]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested past the parser's depth
         raise InvalidArgument.field("page_token", "not a token from a previous response") from None
 
 

@@ -276,11 +276,12 @@ def _set_event_time(event: Event, received_at: Timestamp, out: list[Violation]) 
     received = received_at.seconds * NANOS + received_at.nanos
     # A client may give an earlier received time: events a platform received before and kept
     # with its stamps (a Segment archive replayed through /v1/import), whose event time then comes
-    # out as that platform corrected it. Never a later one: it would move the sanity limits.
+    # out as that platform corrected it. It is held to the event time's floor; a later one (a
+    # clock a little ahead) is replaced by ingest's own, so it can never move the limits ahead.
     _, given = _stamp(event, "received_at", event.received_at, out)
-    if given is not None and given > received:
-        out.append(Violation("received_at", "after the event reached Parley"))
-    elif given is not None:
+    if given is not None and given < _MIN_EVENT_NANOS:
+        out.append(Violation("received_at", "before 2000-01-01T00:00:00Z"))
+    elif given is not None and given < received:
         received = given
     else:
         event.received_at.CopyFrom(received_at)

@@ -192,10 +192,11 @@ def from_segment(
 
     if not r.time("originalTimestamp", event.original_timestamp):
         r.time("timestamp", event.original_timestamp)
-    if not r.time("sentAt", event.sent_at) and batch_sent_at is not None:
+    # Only messages a platform received before carry it (a Segment archive); see normalize. Their
+    # stamps are that platform's: the batch's sentAt (the replaying client's clock) is not theirs.
+    archived = r.time("receivedAt", event.received_at)
+    if not r.time("sentAt", event.sent_at) and batch_sent_at is not None and not archived:
         event.sent_at.CopyFrom(batch_sent_at)
-    # Only messages a platform received before carry it (a Segment archive); see normalize.
-    r.time("receivedAt", event.received_at)
     return event, r.violations
 
 

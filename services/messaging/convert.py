@@ -50,7 +50,7 @@ def decode_token(token: str, kinds: str) -> list[Any] | None:
         for kind, v in zip(kinds, values, strict=True):
             out.append(datetime.fromisoformat(v) if kind == "t" else int(v) if kind == "i" else str(v))
         return out
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise InvalidArgument.field("page_token", "not a page token from this list") from exc
 
 

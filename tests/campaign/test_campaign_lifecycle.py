@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 from parley.campaign.v1 import campaign_service_pb2 as pb
@@ -103,6 +105,9 @@ async def test_bad_input_names_fields(campaigns_only: Campaigns) -> None:
     found = await _violations(c.stub.ListEnrollments(pb.ListEnrollmentsRequest(), metadata=md))
     assert "campaign_id" in found
     found = await _violations(c.stub.ListCampaigns(pb.ListCampaignsRequest(page_token="zzz"), metadata=md))
+    assert "page_token" in found
+    too_deep = base64.urlsafe_b64encode(b"[" * 3000).decode()  # past the JSON parser's depth
+    found = await _violations(c.stub.ListCampaigns(pb.ListCampaignsRequest(page_token=too_deep), metadata=md))
     assert "page_token" in found
     draft = await c.stub.CreateCampaign(pb.CreateCampaignRequest(campaign=pb.Campaign(name="empty")), metadata=md)
     found = await _violations(

@@ -450,8 +450,14 @@ async def test_import_of_an_archived_segment_message_keeps_its_event_time(
     [stored] = await events_of(stack, user)
     assert stored.event.timestamp.ToJsonString() == "2026-06-01T10:00:00.900Z"
     assert stored.event.received_at.ToJsonString() == "2026-06-01T10:00:01.900Z"
-    # A received time after now is refused, naming the field as sent.
-    late = {**message, "messageId": f"{user}-late", "receivedAt": "2999-01-01T00:00:00Z"}
-    status, answer = await post(http, f"{stack.http_url}/v1/import", {"batch": [late]}, basic(stack.key))
+    # Without a sentAt of its own, the batch's (the replaying client's clock) does not apply to it.
+    unsent = {k: v for k, v in message.items() if k != "sentAt"} | {"messageId": f"{user}-unsent"}
+    body = {"batch": [unsent], "sentAt": "2026-12-07T12:00:00Z"}
+    assert await post(http, f"{stack.http_url}/v1/import", body, basic(stack.key)) == (200, {"success": True})
+    # A received time before 2000 is refused, naming the field as sent.
+    old = {**message, "messageId": f"{user}-old", "receivedAt": "1999-12-31T00:00:00Z"}
+    status, answer = await post(http, f"{stack.http_url}/v1/import", {"batch": [old]}, basic(stack.key))
     assert (status, answer["code"]) == (400, "invalid_events")
     assert [e["field"] for e in answer["errors"]] == ["batch[0].receivedAt"]
+    stored = {e.event.message_id: e.event.timestamp.ToJsonString() for e in await events_of(stack, user)}
+    assert stored == {f"{user}-archived": "2026-06-01T10:00:00.900Z", f"{user}-unsent": "2026-06-01T10:00:00Z"}

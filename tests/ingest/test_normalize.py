@@ -143,9 +143,16 @@ def test_an_earlier_received_at_is_kept_and_corrects_against_it() -> None:
     assert check(alone) == [] and alone.timestamp == alone.received_at == ts(received)
 
 
-def test_a_later_received_at_is_a_violation() -> None:
+def test_a_later_received_at_is_replaced_and_an_ancient_one_refused() -> None:
+    # A clock a little ahead: ingest's own time stands, and with it the limits.
     event = track(received_at=ts(NOW + timedelta(seconds=1)))
-    assert [field for field, _ in check(event)] == ["received_at"]
+    assert check(event) == []
+    assert event.received_at == ts(NOW) and event.timestamp == ts(NOW)
+    # Before the event time's floor, as original_timestamp would be (over gRPC a set but zero
+    # stamp is 1970).
+    for ancient in (datetime(1999, 12, 31, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC)):
+        event = track(received_at=ts(ancient))
+        assert [field for field, _ in check(event)] == ["received_at"]
 
 
 def test_phone_from_context_traits() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import grpc
@@ -29,6 +30,9 @@ async def test_messaging_service_bad_input(stack: Stack) -> None:
     assert await fields_of(m.ListConversations(pb.ListConversationsRequest(page_token="%%"), metadata=md)) == [
         "page_token"
     ]
+    too_deep = base64.urlsafe_b64encode(b"[" * 3000).decode()  # past the JSON parser's depth
+    request = pb.ListConversationsRequest(page_token=too_deep)
+    assert await fields_of(m.ListConversations(request, metadata=md)) == ["page_token"]
     assert await fields_of(m.ListConversations(pb.ListConversationsRequest(page_size=-1), metadata=md)) == ["page_size"]
     assert await fields_of(m.ListMessages(pb.ListMessagesRequest(phone="12"), metadata=md)) == ["phone"]
     assert await fields_of(m.ListMessages(pb.ListMessagesRequest(conversation_id="nope"), metadata=md)) == [
