@@ -33,15 +33,16 @@ async def _workspace_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
 
 
 async def _key_create(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
-    key_id, key = await tenancy.create_key(pool, args.workspace, args.label)
-    print(f"key id={key_id} (shown once, store it now):")
+    scope = tenancy.WRITE if args.write_only else tenancy.FULL
+    key_id, key = await tenancy.create_key(pool, args.workspace, args.label, scope)
+    print(f"key id={key_id} scope={scope} (shown once, store it now):")
     print(key)
 
 
 async def _key_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     for key in await tenancy.list_keys(pool, args.workspace):
         state = f"revoked {key.revoke_time.isoformat()}" if key.revoke_time else "active"
-        print(f"{key.id}\t{state}\tcreated {key.create_time.isoformat()}\t{key.label}")
+        print(f"{key.id}\t{key.scope}\t{state}\tcreated {key.create_time.isoformat()}\t{key.label}")
 
 
 async def _key_revoke(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     kc = key.add_parser("create", help="create an API key; prints it last")
     kc.add_argument("workspace", help="workspace name or id")
     kc.add_argument("--label", default="")
+    kc.add_argument(
+        "--write-only",
+        action="store_true",
+        help="a write key: it may only send events (for a website or app, where anyone can read it)",
+    )
     kc.set_defaults(db_handler=_key_create)
     kl = key.add_parser("list", help="list a workspace's keys (ids, never secrets)")
     kl.add_argument("workspace", help="workspace name or id")

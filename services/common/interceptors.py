@@ -13,9 +13,17 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
-from services.common import context
+from services.common import context, tenancy
 from services.common.context import Workspace
-from services.common.errors import InvalidArgument, ParleyError, Unauthenticated, Unavailable, Violation, to_status
+from services.common.errors import (
+    InvalidArgument,
+    ParleyError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Violation,
+    to_status,
+)
 from services.common.storable import UNSTORABLE, unstorable_fields
 from services.common.tenancy import KeyVerifier
 
@@ -35,14 +43,17 @@ def _bearer(metadata: dict[str, str]) -> str:
     return token.strip()
 
 
-async def authenticate(verifier: KeyVerifier, token: str, workspace_id: str | None) -> tuple[Workspace | None, bool]:
-    """(workspace, internal) for a bearer token; UNAUTHENTICATED when it is no valid key."""
+async def authenticate(
+    verifier: KeyVerifier, token: str, workspace_id: str | None
+) -> tuple[Workspace | None, bool, str]:
+    """(workspace, internal, the key's scope) for a bearer token; UNAUTHENTICATED when it is no valid key."""
     if not token:
         raise Unauthenticated("missing 'authorization: Bearer <API key>' metadata")
     if verifier.is_internal(token):
         workspace = await verifier.workspace_by_id(workspace_id) if workspace_id else None
-        return workspace, True
-    return await verifier.verify(token), False
+        return workspace, True, tenancy.FULL
+    workspace, scope = await verifier.verify_scoped(token)
+    return workspace, False, scope
 
 
 class _Undecodable:
@@ -95,9 +106,11 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         *,
         self_checked: frozenset[str] = frozenset(),
         parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+        write_methods: frozenset[str] = frozenset(),
     ) -> None:
         self._verifier = verifier
         self._self_checked = self_checked
+        self._write_methods = write_methods
         self._parsers = dict(parsers or {})
         # Shutting down: new calls are answered UNAVAILABLE while those in flight finish (see drain).
         self._draining = False
@@ -169,7 +182,13 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         context.bind(None, request=rid)
         structlog.contextvars.bind_contextvars(request_id=rid, method=method)
         ctx.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        workspace, internal = await authenticate(self._verifier, _bearer(metadata), metadata.get(WORKSPACE_HEADER))
+        workspace, internal, scope = await authenticate(
+            self._verifier, _bearer(metadata), metadata.get(WORKSPACE_HEADER)
+        )
+        if scope != tenancy.FULL and method not in self._write_methods:
+            raise PermissionDenied(
+                f"this API key may only send events (a write key); {method} needs a full key of the workspace"
+            )
         context.bind(workspace, internal=internal, request=rid)
         if workspace is not None:
             structlog.contextvars.bind_contextvars(workspace_id=workspace.id)

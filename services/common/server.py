@@ -81,6 +81,8 @@ class ServiceModule:
     # Per method, a request parser to use instead of the generated one, made from the settings
     # (see ingest's salvage.py).
     request_parsers: Callable[[Settings], Mapping[str, Callable[[bytes], Any]]] | None = None
+    # Methods a write key may call (sending events); every other method needs a full key.
+    write_methods: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -155,7 +157,9 @@ async def start(module: ServiceModule, settings: Settings, *, port: int | None =
     runtime = Runtime(settings=settings, database_url=dsn, pool=pool, internal_token=token, verifier=verifier)
 
     parsers = module.request_parsers(settings) if module.request_parsers else None
-    interceptor = ChassisInterceptor(verifier, self_checked=module.self_checked, parsers=parsers)
+    interceptor = ChassisInterceptor(
+        verifier, self_checked=module.self_checked, parsers=parsers, write_methods=module.write_methods
+    )
     server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
     names = list(module.register(server, runtime))
     health_servicer = HealthServicer()

@@ -19,6 +19,11 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Una
 SCHEMA = "tenancy"
 MIGRATIONS = Path(__file__).with_name("tenancy_migrations")
 KEY_PREFIX = "pk_"
+# What a key may do: every API of its workspace, or only send events (a key a website or an app
+# embeds, which anyone can read there: it must not read contacts or send messages).
+FULL = "full"
+WRITE = "write"
+SCOPES = (FULL, WRITE)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class ApiKey:
     label: str
     create_time: datetime
     revoke_time: datetime | None
+    scope: str = FULL
 
 
 def _digest(key: str) -> bytes:
@@ -62,15 +68,18 @@ async def create_workspace(pool: asyncpg.Pool, name: str, default_region: str = 
     return workspace, key
 
 
-async def _insert_key(conn: asyncpg.Connection, workspace_id: str, label: str) -> tuple[str, str]:
+async def _insert_key(conn: asyncpg.Connection, workspace_id: str, label: str, scope: str = FULL) -> tuple[str, str]:
+    if scope not in SCOPES:
+        raise InvalidArgument.field("scope", f"must be one of {', '.join(SCOPES)}")
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     await conn.execute(
-        "INSERT INTO tenancy.api_keys (workspace_id, id, key_hash, label) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO tenancy.api_keys (workspace_id, id, key_hash, label, scope) VALUES ($1, $2, $3, $4, $5)",
         workspace_id,
         key_id,
         _digest(key),
         label,
+        scope,
     )
     return key_id, key
 
@@ -87,17 +96,20 @@ async def list_workspaces(pool: asyncpg.Pool) -> list[Workspace]:
     return [_row_to_workspace(r) for r in rows]
 
 
-async def create_key(pool: asyncpg.Pool, workspace: str, label: str = "") -> tuple[str, str]:
-    """A new key for the workspace (by name or id): ``(key_id, key)``."""
+async def create_key(pool: asyncpg.Pool, workspace: str, label: str = "", scope: str = FULL) -> tuple[str, str]:
+    """A new key for the workspace (by name or id): ``(key_id, key)``; ``scope`` is ``FULL`` or ``WRITE``."""
     ws = await find_workspace(pool, workspace)
     async with pool.acquire() as conn:
-        return await _insert_key(conn, ws.id, label)
+        return await _insert_key(conn, ws.id, label, scope)
 
 
 async def list_keys(pool: asyncpg.Pool, workspace: str) -> list[ApiKey]:
     ws = await find_workspace(pool, workspace)
     rows = await pool.fetch("SELECT * FROM tenancy.api_keys WHERE workspace_id = $1 ORDER BY create_time", ws.id)
-    return [ApiKey(r["id"], str(r["workspace_id"]), r["label"], r["create_time"], r["revoke_time"]) for r in rows]
+    return [
+        ApiKey(r["id"], str(r["workspace_id"]), r["label"], r["create_time"], r["revoke_time"], r["scope"])
+        for r in rows
+    ]
 
 
 async def revoke_key(pool: asyncpg.Pool, key_id: str) -> None:
@@ -125,7 +137,7 @@ class KeyVerifier:
         self._pool = pool
         self.internal_token = internal
         self._cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, Workspace]] = {}
+        self._cache: dict[bytes, tuple[float, Workspace, str]] = {}
         self._by_id: dict[str, tuple[float, Workspace]] = {}
 
     def is_internal(self, token: str) -> bool:
@@ -133,6 +145,11 @@ class KeyVerifier:
 
     async def verify(self, key: str) -> Workspace:
         """The key's workspace; UNAUTHENTICATED for an unknown or revoked key."""
+        return (await self.verify_scoped(key))[0]
+
+    async def verify_scoped(self, key: str) -> tuple[Workspace, str]:
+        """The key's workspace and scope (``FULL`` or ``WRITE``); UNAUTHENTICATED for an unknown
+        or revoked key."""
         if not key:
             raise Unauthenticated("missing API key")
         try:
@@ -143,9 +160,9 @@ class KeyVerifier:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit and hit[0] > now:
-            return hit[1]
+            return hit[1], hit[2]
         row = await self._pool.fetchrow(
-            """SELECT w.* FROM tenancy.api_keys k JOIN tenancy.workspaces w ON w.id = k.workspace_id
+            """SELECT w.*, k.scope FROM tenancy.api_keys k JOIN tenancy.workspaces w ON w.id = k.workspace_id
                WHERE k.key_hash = $1 AND k.revoke_time IS NULL""",
             digest,
         )
@@ -153,9 +170,10 @@ class KeyVerifier:
             self._cache.pop(digest, None)
             raise Unauthenticated("invalid or revoked API key")
         ws = _row_to_workspace(row)
+        scope = str(row["scope"])
         if self._cache_seconds > 0:
-            self._cache[digest] = (now + self._cache_seconds, ws)
-        return ws
+            self._cache[digest] = (now + self._cache_seconds, ws, scope)
+        return ws, scope
 
     async def workspace_by_id(self, workspace_id: str) -> Workspace:
         """The workspace an internal call names; UNAUTHENTICATED when it does not exist."""

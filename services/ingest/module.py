@@ -39,6 +39,11 @@ async def on_start(rt: Runtime) -> None:
     await http.start(rt, rt.state["ingestor"])
 
 
+EVENT_METHODS = frozenset(
+    f"/parley.ingest.v1.IngestService/{name}"
+    for name in ("Track", "Page", "Screen", "Identify", "IngestBatch", "IngestStream")
+)
+
 MODULE = ServiceModule(
     name="ingest",
     migrations=Path(__file__).with_name("migrations"),
@@ -46,10 +51,9 @@ MODULE = ServiceModule(
     on_start=on_start,
     port_setting="ingest_port",
     # Every event RPC: a bad event is rejected alone, naming its field, the others stored (normalize.py).
-    self_checked=frozenset(
-        f"/parley.ingest.v1.IngestService/{name}"
-        for name in ("Track", "Page", "Screen", "Identify", "IngestBatch", "IngestStream")
-    ),
+    self_checked=EVENT_METHODS,
+    # They are all a write key (one a website or app embeds) may call.
+    write_methods=EVENT_METHODS,
     # An event that does not parse at all (a string that is not UTF-8) too, and a request over
     # the batch limit is not parsed at all (salvage.py).
     request_parsers=lambda settings: {

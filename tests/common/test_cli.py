@@ -43,6 +43,13 @@ async def test_workspace_create_prints_a_working_key_last(db_url: str) -> None:
                 await ch.unary_unary(METHOD)(b"ok", metadata=key_metadata(second))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "revoked" in parley(db_url, "key", "list", "cli-acme").stdout
+            # A write key works for sending events only: the probe's method is no event method.
+            write = parley(db_url, "key", "create", "cli-acme", "--label", "web", "--write-only")
+            assert write.returncode == 0 and "scope=write" in write.stdout, write.stderr
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary(METHOD)(b"ok", metadata=key_metadata(write.stdout.strip().splitlines()[-1]))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "\twrite\t" in parley(db_url, "key", "list", "cli-acme").stdout
     finally:
         await srv.stop(0)
 
