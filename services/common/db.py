@@ -59,8 +59,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     The pool still rolls back a transaction left open and drops listener callbacks; what the
     default query also clears — session settings, session advisory locks, LISTENs, cursors —
     Parley code never leaves behind on a released connection: settings are ``SET LOCAL``,
-    advisory locks are transaction-scoped or released in ``finally``, and the one LISTEN on a
-    pooled connection stays until the service stops.
+    advisory locks are transaction-scoped or released in ``finally``, and identity's LISTEN runs
+    on a connection of its own, outside the pool.
     """
 
 

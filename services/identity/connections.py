@@ -1,9 +1,8 @@
 """A few pool connections held for the life of the service, for the read RPCs' short queries.
 
-Releasing a connection to an asyncpg pool resets its session (one more round trip per call);
-the read paths keep no session state, so holding their connections saves that round trip on
-every lookup. A connection that saw an error or a cancellation goes back to the pool, which
-cleans or replaces it, and a fresh one takes its place.
+The writes (``RecordEvents``) can never take every connection from the reads, and a lookup
+skips the pool's acquire and release. A connection that saw an error or a cancellation goes back
+to the pool, which cleans or replaces it, and a fresh one takes its place.
 """
 
 from __future__ import annotations

@@ -388,7 +388,10 @@ def normalize_event(event: Event, region: str, received_at: Timestamp, limits: L
             problems, context_traits = _context_facts(context, max_depth)
             if problems is not _NO_PROBLEMS:
                 _check_struct("context", problems, max_depth, out)
-        phone, zone, phone_given = _event_phone(traits, context if context_traits else None, region, out)
+        # A group's traits describe the account, not the person: a phone there is the account's
+        # and must not make the caller a contact (the HTTP API keeps them as properties).
+        person = traits if kind != GROUP else None
+        phone, zone, phone_given = _event_phone(person, context if context_traits else None, region, out)
     if phone or event.phone:  # reading is cheaper than writing the usual ""
         event.phone = phone
     if zone or event.phone_time_zone:

@@ -66,8 +66,11 @@ class IngestServicer(IngestServiceServicer):
 
     async def _single(self, request: Any, expected: EventType.ValueType) -> EventResult:
         if isinstance(request, Oversized):
-            limit = self._ingestor.limits.max_event_bytes
-            raise InvalidArgument.field("event", f"the request is {request.size} bytes; the limit is {limit} bytes")
+            raise InvalidArgument.field(
+                "event",
+                f"the request is {request.size} bytes; a request is at most {self._max_batch_bytes} bytes"
+                f" and an event at most {self._ingestor.limits.max_event_bytes}",
+            )
         if isinstance(request, Unparsed):
             raise self._unparsed_single(request.data)
         event: Event = request.event

@@ -134,6 +134,8 @@ async def test_a_request_over_the_batch_limit_is_refused_unread(stack: Stack) ->
         assert info.value.code() == code
         [violation] = await field_violations(info.value)
         assert violation.field == "event" and f"{size} bytes" in violation.description
+        # The limit it broke is the request's (max_batch_bytes), not the event's.
+        assert f"a request is at most {500 * 1024} bytes" in violation.description
     batch = pb.IngestBatchRequest(events=[big.event])
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stack.stub.IngestBatch(batch, metadata=stack.md)

@@ -161,6 +161,25 @@ def test_phone_from_context_traits() -> None:
     assert event.phone == "+14155552671"
 
 
+def test_a_group_traits_phone_is_the_accounts_not_the_callers() -> None:
+    # A group's traits describe the account: its phone makes no contact (not even an invalid one
+    # is read); the caller's own context traits still count, as for a track.
+    group = track(type=EventType.EVENT_TYPE_GROUP, name="", group_id="acme", traits=struct({"phone": "4155550100"}))
+    assert check(group) == []
+    assert group.phone == ""
+    bad = track(type=EventType.EVENT_TYPE_GROUP, name="", group_id="acme", traits=struct({"phone": "n/a"}))
+    assert check(bad) == []
+    caller = track(
+        type=EventType.EVENT_TYPE_GROUP,
+        name="",
+        group_id="acme",
+        traits=struct({"phone": "4155550100"}),
+        context=struct({"traits": {"phone": "+1 (415) 555-2671"}}),
+    )
+    assert check(caller) == []
+    assert caller.phone == "+14155552671"
+
+
 def test_numeric_phone_is_read_as_digits() -> None:
     event = track(traits=struct({"phone": 4155552671}))
     assert check(event) == []
