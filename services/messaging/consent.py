@@ -71,7 +71,8 @@ def consents_from_traits(traits: dict[str, Any], event_time: datetime, ip: str =
     """``sms_opt_in`` / ``voice_opt_in`` traits as consents: a boolean, or ``{subscribed, timestamp, source}``.
 
     A value without its own timestamp takes the event's time, so it never overrides a
-    consent recorded later. Malformed values are ignored.
+    consent recorded later; one dated after its event is held to the event's time, so no consent
+    can be dated ahead to outrank a STOP that arrives after it. Malformed values are ignored.
     """
     out: list[TraitConsent] = []
     for trait, channel in TRAIT_CHANNELS.items():
@@ -83,6 +84,7 @@ def consents_from_traits(traits: dict[str, Any], event_time: datetime, ip: str =
             if subscribed is None:
                 continue
             when = _as_time(value.get("timestamp")) or event_time
+            when = min(when, event_time)
             source = str(value.get("source") or "identify")
             text = str(value.get("consent_text") or value.get("text") or "")
             out.append(TraitConsent(channel, subscribed, when, source, text, str(value.get("ip") or ip)))

@@ -72,3 +72,6 @@ def test_consent_traits() -> None:
         ("voice", False, datetime(2025, 12, 1, 10, tzinfo=UTC), "web form"),
     ]
     assert consents_from_traits({"sms_opt_in": "maybe", "voice_opt_in": {"x": 1}}, at) == []
+    # Dated ahead of its event, a consent would outrank a STOP arriving before that date.
+    [ahead] = consents_from_traits({"sms_opt_in": {"subscribed": True, "timestamp": "2099-01-01T00:00:00Z"}}, at)
+    assert ahead.consent_time == at
