@@ -20,6 +20,8 @@ class Workspace:
 _workspace: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("workspace", default=None)
 _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("internal", default=False)
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# The calling key's scope (``tenancy.FULL`` or ``tenancy.WRITE``); internal calls are full.
+_scope: contextvars.ContextVar[str] = contextvars.ContextVar("scope", default="full")
 
 
 def current_workspace() -> Workspace:
@@ -44,9 +46,17 @@ def request_id() -> str:
     return _request_id.get()
 
 
-def bind(workspace: Workspace | None, *, internal: bool = False, request: str | None = None) -> None:
+def key_scope() -> str:
+    """The calling key's scope: ``"full"``, or ``"write"`` for a key that may only send events."""
+    return _scope.get()
+
+
+def bind(
+    workspace: Workspace | None, *, internal: bool = False, request: str | None = None, scope: str = "full"
+) -> None:
     """Set the context for the current task (the interceptor and HTTP handlers call this)."""
     _workspace.set(workspace)
     _internal.set(internal)
+    _scope.set(scope)
     if request is not None:
         _request_id.set(request)

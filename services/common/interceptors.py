@@ -189,7 +189,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied(
                 f"this API key may only send events (a write key); {method} needs a full key of the workspace"
             )
-        context.bind(workspace, internal=internal, request=rid)
+        context.bind(workspace, internal=internal, request=rid, scope=scope)
         if workspace is not None:
             structlog.contextvars.bind_contextvars(workspace_id=workspace.id)
         return rid

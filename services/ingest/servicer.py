@@ -13,7 +13,8 @@ from parley.common.v1.event_pb2 import Event, EventResult, EventStatus, EventTyp
 from parley.ingest.v1 import ingest_service_pb2 as pb
 from parley.ingest.v1.ingest_service_pb2_grpc import IngestServiceServicer
 
-from services.common.context import current_workspace
+from services.common import tenancy
+from services.common.context import current_workspace, key_scope
 from services.common.errors import InvalidArgument, Unavailable, Violation
 from services.ingest.pipeline import Ingestor, batch_namer, single_namer, violations_of_result
 from services.ingest.salvage import Oversized, Unparsed, batch_events, salvage_batch, single_problem
@@ -81,7 +82,7 @@ class IngestServicer(IngestServiceServicer):
         [result] = await self._ingestor.ingest([event], current_workspace(), _SINGLE)
         if result.status == EventStatus.EVENT_STATUS_REJECTED:
             raise InvalidArgument(violations_of_result(result))
-        return result
+        return _for_caller([result])[0]
 
     async def Track(self, request: pb.TrackRequest, context: grpc.aio.ServicerContext) -> pb.TrackResponse:
         return pb.TrackResponse(result=await self._single(request, EventType.EVENT_TYPE_TRACK))
@@ -148,7 +149,7 @@ class IngestServicer(IngestServiceServicer):
     ) -> pb.IngestBatchResponse:
         events, prior, size = self._batch(request)
         results = await self._ingestor.ingest(events, current_workspace(), _BATCH, prior=prior, request_bytes=size)
-        return pb.IngestBatchResponse(results=results, **_counts(results))
+        return pb.IngestBatchResponse(results=_for_caller(results), **_counts(results))
 
     async def IngestStream(
         self,
@@ -197,7 +198,7 @@ class IngestServicer(IngestServiceServicer):
                 if task.done() and not task.cancelled():
                     task.exception()  # the first failure already ends the call; these are moot
                 task.cancel()
-        return _stream_response(results)
+        return _stream_response(_for_caller(results))
 
 
 _EARLIER_STORED = "events of the stream's earlier messages may be stored; resent, they come back DUPLICATE"
@@ -219,6 +220,15 @@ async def _after(task: asyncio.Task[list[EventResult]], *, stored: bool) -> list
         if not stored:
             raise
         raise Unavailable(f"{exc.message}; {_EARLIER_STORED}") from exc
+
+
+def _for_caller(results: list[EventResult]) -> list[EventResult]:
+    """``results`` as the caller may see them: a write key (one a web page embeds, anyone can
+    read it) learns nothing stored, not even which contact, if any, an event went to."""
+    if key_scope() == tenancy.WRITE:
+        for result in results:
+            result.ClearField("contact_id")
+    return results
 
 
 def _stream_response(results: list[EventResult]) -> pb.IngestStreamResponse:

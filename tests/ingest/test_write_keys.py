@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 import grpc
 import pytest
+from parley.common.v1.event_pb2 import EventStatus
 from parley.identity.v1 import identity_service_pb2 as ipb
 from parley.ingest.v1 import ingest_service_pb2 as pb
 
@@ -30,7 +31,18 @@ async def test_a_write_key_sends_events_and_reads_nothing(stack: Stack) -> None:
     # Events, over gRPC and HTTP, are stored in the key's workspace.
     event = identify({"phone": phone, "first_name": "Ada"}, user_id=user)
     result = await stack.stub.Identify(pb.IdentifyRequest(event=event), metadata=write)
-    assert result.result.contact_id
+    assert result.result.status == EventStatus.EVENT_STATUS_ACCEPTED
+    # Not even which contact an event went to: that would tell whose a phone or a user id is.
+    assert result.result.contact_id == ""
+    probe = identify({"phone": phone}, anonymous_id=uid())
+    batch = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=[probe, probe]), metadata=write)
+    assert [r.contact_id for r in batch.results] == ["", ""]
+    assert [r.status for r in batch.results] == [EventStatus.EVENT_STATUS_ACCEPTED, EventStatus.EVENT_STATUS_DUPLICATE]
+    streamed = await stack.stub.IngestStream(iter([pb.IngestStreamRequest(events=[probe])]), metadata=write)
+    assert [(r.status, r.contact_id) for r in streamed.results] == [(EventStatus.EVENT_STATUS_DUPLICATE, "")]
+    # A full key is told.
+    full = await stack.stub.IngestBatch(pb.IngestBatchRequest(events=[probe]), metadata=stack.md)
+    assert full.results[0].contact_id
     async with aiohttp.ClientSession() as http:
         body = {"userId": user, "event": "Viewed"}
         assert await post(http, f"{stack.http_url}/v1/track", body, basic(write_key)) == (200, {"success": True})
