@@ -18,7 +18,14 @@ from parley.identity.v1 import identity_service_pb2 as pb
 from parley.identity.v1.identity_service_pb2_grpc import IdentityServiceServicer
 
 from services.common.context import current_workspace, is_internal, workspace_or_none
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Violation
+from services.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Violation,
+)
 from services.common.storable import NUL, UNSTORABLE, unstorable
 from services.identity import record, repository
 from services.identity.connections import HeldConnections
@@ -144,6 +151,12 @@ def _check_batch(events: Sequence[Event], payloads: Sequence[bytes], max_event_b
         raise InvalidArgument(bad)
 
 
+# Open SubscribeEvents streams per workspace in one identity process. Each wakes on every commit
+# of its workspace and reads a page: a key opening thousands would make every commit cost
+# thousands of queries. Internal (all-workspace) subscribers, one per campaign or messaging
+# replica, are not counted.
+MAX_STREAMS_PER_WORKSPACE = 64
+
 _ACCEPTED = int(EventStatus.EVENT_STATUS_ACCEPTED)
 _DUPLICATE = int(EventStatus.EVENT_STATUS_DUPLICATE)
 
@@ -161,6 +174,7 @@ class IdentityServicer(IdentityServiceServicer):
         self._reads = reads
         self._hub = hub
         self._writer = record.BatchWriter(pool)
+        self._streams: dict[str, int] = {}
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
@@ -313,5 +327,21 @@ class IdentityServicer(IdentityServiceServicer):
                 raise InvalidArgument.field(
                     "cursor", "ahead of this database's transactions: not a cursor of this stream's database"
                 )
-        async for rows, after in follow(self._reads, self._hub, workspace.id if workspace else None, start, size):
-            yield pb.SubscribeEventsResponse(events=[stored_event(r) for r in rows], cursor=after.encode())
+        key = workspace.id if workspace else None
+        if key is not None:
+            if self._streams.get(key, 0) >= MAX_STREAMS_PER_WORKSPACE:
+                raise ResourceExhausted(
+                    f"at most {MAX_STREAMS_PER_WORKSPACE} SubscribeEvents streams of a workspace are open at once"
+                    " (per identity replica); close one, or follow the stream from fewer places"
+                )
+            self._streams[key] = self._streams.get(key, 0) + 1
+        try:
+            async for rows, after in follow(self._reads, self._hub, key, start, size):
+                yield pb.SubscribeEventsResponse(events=[stored_event(r) for r in rows], cursor=after.encode())
+        finally:
+            if key is not None:
+                left = self._streams[key] - 1
+                if left:
+                    self._streams[key] = left
+                else:
+                    del self._streams[key]

@@ -11,7 +11,7 @@ import pytest
 from parley.identity.v1 import identity_service_pb2 as ipb
 
 from services.common.db import create_pool
-from services.identity import record, repository, stream
+from services.identity import record, repository, servicer, stream
 from services.identity.tokens import Cursor
 from tests.identity.conftest import Identity, Tenant, identify, page, track, uid
 
@@ -258,3 +258,42 @@ async def test_pages_of_large_events_stay_under_the_payload_budget(
     assert len(set(timeline)) == len(timeline)
     user_view = await identity.stub.GetUser(ipb.GetUserRequest(user_id=user, event_limit=1000), metadata=tenant.md)
     assert 1 <= len(user_view.events) < len(events)  # the newest, within one response's budget
+
+
+async def test_streams_per_workspace_are_capped(
+    identity: Identity,
+    make_workspace,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    # Each open stream reads a page on every commit of its workspace: one key must not open
+    # thousands. The cap is per workspace (made small here); closing a stream frees its place.
+    monkeypatch.setattr(servicer, "MAX_STREAMS_PER_WORKSPACE", 2)
+    tenant = await identity.tenant(make_workspace)
+    other = await identity.tenant(make_workspace)
+    await identity.record(tenant, track(user_id=uid()))
+    await identity.record(other, track(user_id=uid()))
+    open_calls = [subscribe(identity, tenant.md) for _ in range(2)]
+    for call in open_calls:
+        await read_events(call, 1)
+    refused = subscribe(identity, tenant.md)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(refused.read(), HANG_GUARD)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 2 SubscribeEvents streams" in (err.value.details() or "")
+    # Another workspace has its own.
+    elsewhere = subscribe(identity, other.md)
+    await read_events(elsewhere, 1)
+    elsewhere.cancel()
+    open_calls.pop().cancel()
+    for _ in range(200):  # the server ends the cancelled stream a moment later
+        again = subscribe(identity, tenant.md)
+        try:
+            await read_events(again, 1)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("a cancelled stream's place was never freed")
+    again.cancel()
+    open_calls[0].cancel()
