@@ -55,15 +55,17 @@ def _as_bool(value: Any) -> bool | None:
 
 
 def _as_time(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
-        return datetime.fromtimestamp(seconds, UTC)
-    if isinstance(value, str) and value.strip():
-        try:
+    """A trait's time in UTC, None when it is no time a datetime holds (anyone holding a write key
+    can send any value: one that raised here stopped the consent stream for every workspace)."""
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
+            return datetime.fromtimestamp(seconds, UTC)
+        if isinstance(value, str) and value.strip():
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):  # unparseable, or past the years a datetime holds
+        return None
     return None
 
 

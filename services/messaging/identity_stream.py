@@ -27,9 +27,14 @@ STANDBY_SECONDS = 5.0
 
 
 def _event_time(event: event_pb2.Event) -> datetime:
+    """When the event's consents were given: its time, but never after ingest received it (a
+    device clock ahead may date an event up to a day later), so no consent outranks an opt-out
+    recorded after the event arrived."""
+    received = event.received_at.ToDatetime(tzinfo=UTC) if event.HasField("received_at") else None
     for ts in (event.timestamp, event.received_at, event.original_timestamp):
         if ts.seconds or ts.nanos:
-            return ts.ToDatetime(tzinfo=UTC)
+            at = ts.ToDatetime(tzinfo=UTC)
+            return min(at, received) if received is not None else at
     return datetime.now(UTC)
 
 

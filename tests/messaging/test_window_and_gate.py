@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from parley.common.v1 import event_pb2
 
 from services.common.phones import time_zone_of
 from services.messaging import gate
 from services.messaging.consent import consents_from_traits
+from services.messaging.identity_stream import _event_time
 
 NY = "America/New_York"
 
@@ -75,3 +77,22 @@ def test_consent_traits() -> None:
     # Dated ahead of its event, a consent would outrank a STOP arriving before that date.
     [ahead] = consents_from_traits({"sms_opt_in": {"subscribed": True, "timestamp": "2099-01-01T00:00:00Z"}}, at)
     assert ahead.consent_time == at
+    # Times no datetime holds are no times: the event's stands (one had stopped the consent stream).
+    for odd in (-1e15, 1e20, 1e300, float("nan"), "0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-05:00"):
+        [c] = consents_from_traits({"sms_opt_in": {"subscribed": True, "timestamp": odd}}, at)
+        assert c.consent_time == at, odd
+    # Old ones are kept as sent (a backfill), in UTC.
+    [old] = consents_from_traits({"sms_opt_in": {"subscribed": False, "timestamp": "2025-06-01T12:00:00+02:00"}}, at)
+    assert old.consent_time == datetime(2025, 6, 1, 10, tzinfo=UTC)
+
+
+def test_consents_are_dated_no_later_than_their_event_arrived() -> None:
+    # A device clock ahead may date an event up to a day after ingest received it; its consents
+    # must not outrank an opt-out recorded after the event arrived.
+    received = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    event = event_pb2.Event()
+    event.received_at.FromDatetime(received)
+    event.timestamp.FromDatetime(received + timedelta(hours=20))
+    assert _event_time(event) == received
+    event.timestamp.FromDatetime(received - timedelta(minutes=5))
+    assert _event_time(event) == received - timedelta(minutes=5)
