@@ -141,13 +141,14 @@ class HttpIngest:
         self._verifier = verifier
         self._max_body = max_body_bytes
 
-    async def _authenticate(self, key: str | None) -> Workspace:
+    async def _authenticate(self, key: str | None) -> tuple[Workspace, str]:
+        """The key's workspace and scope (every scope may send events)."""
         if not key:
             raise HttpError(
                 401, "unauthorized", "missing API key: use it as the Basic username, a Bearer token, or writeKey"
             )
         try:
-            return await self._verifier.verify(key)
+            return await self._verifier.verify_scoped(key)
         except Unauthenticated as exc:
             raise HttpError(401, "unauthorized", exc.message) from exc
 
@@ -159,7 +160,7 @@ class HttpIngest:
                 "unauthorized",
                 "the Authorization header holds no readable API key: send Basic base64(<key>:) or Bearer <key>",
             )
-        workspace = await self._authenticate(key) if key is not None else None
+        workspace, scope = await self._authenticate(key) if key is not None else (None, "")
         if request.content_type not in _CONTENT_TYPES:
             raise HttpError(
                 415, "unsupported_media_type", f"Content-Type {request.content_type!r}; send application/json"
@@ -182,8 +183,8 @@ class HttpIngest:
             raise HttpError(400, "invalid_json", "body must be a JSON object")
         if workspace is None:
             write_key = payload.get("writeKey")
-            workspace = await self._authenticate(write_key if isinstance(write_key, str) else "")
-        context.bind(workspace, request=context.request_id())
+            workspace, scope = await self._authenticate(write_key if isinstance(write_key, str) else "")
+        context.bind(workspace, request=context.request_id(), scope=scope)
         structlog.contextvars.bind_contextvars(workspace_id=workspace.id)
         return workspace, payload
 
