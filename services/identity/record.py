@@ -24,6 +24,7 @@ from services.common.errors import Aborted
 from services.identity.inflight import Claim, EarlierBatchBlocked, Groups, InFlight, group_events
 from services.identity.repository import NOTIFY_CHANNEL
 from services.identity.resolve import (
+    MAX_PROPERTIES_BYTES,
     ContactState,
     IdentityKey,
     Outcome,
@@ -397,6 +398,20 @@ def _writes(ws: uuid.UUID, plan: Plan, payloads: Sequence[bytes]) -> _Writes:
     return out
 
 
+def _log_refused(ws: uuid.UUID, state: StoredState) -> None:
+    """Say which contacts and users had trait keys left out for ``MAX_PROPERTIES_BYTES``."""
+    contacts = {str(c.id): c.sized.refused for c in state.contacts.values() if c.sized.refused}
+    users = {str(u.key): u.sized.refused for u in state.users.values() if u.sized.refused}
+    if contacts or users:
+        log.warning(
+            "properties_over_limit",
+            workspace_id=str(ws),
+            limit_bytes=MAX_PROPERTIES_BYTES,
+            refused_keys_by_contact=dict(list(contacts.items())[:20]),
+            refused_keys_by_user=dict(list(users.items())[:20]),
+        )
+
+
 async def _run_writes(conn: asyncpg.Connection, writes: _Writes) -> None:
     if writes.combined is not None:
         await conn.execute(writes.combined.sql(), *writes.combined.args)
@@ -566,6 +581,7 @@ async def _record(
             raise PartsOverlap
         state.existing = existing
         plan = resolve(part.prepared, state, _new_id)
+        _log_refused(ws, state)
         # After resolving: the users and contacts this part created count too (joining a stored
         # user into a new one moves the stored user's other ids to it).
         users.update(state.users)

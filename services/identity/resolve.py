@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf.struct_pb2 import Struct, Value
 from parley.common.v1.event_pb2 import Event, EventType
 
+from services.common.db import dumps_json
 from services.identity.phones import phone_time_zone
 
 ANONYMOUS = "anonymous"
@@ -37,24 +38,66 @@ def event_time_us(event: Event) -> int:
     return seconds * 1_000_000 + nanos // 1000
 
 
-def merge_properties(properties: dict[str, Any], times: dict[str, int], changes: dict[str, Any], at: int) -> bool:
+# The most a contact's properties, or a user's traits, hold, as JSON. Each identify may carry 32
+# KiB, and keys gather over events: without a bound one person could outgrow every response that
+# holds it (gRPC refuses messages over 16 MiB), and the campaign and consent streams, which read
+# the contacts of the events they follow, would stop on it for every workspace.
+MAX_PROPERTIES_BYTES = 256 * 1024
+
+
+class Sized:
+    """A property set's JSON size, worked out when first needed, and the keys refused for it."""
+
+    __slots__ = ("bytes", "refused")
+
+    def __init__(self) -> None:
+        self.bytes = -1
+        self.refused = 0
+
+
+def _entry_bytes(key: str, value: Any) -> int:
+    # ``"key":value,`` as JSON writes it.
+    return len(dumps_json(key)) + len(dumps_json(value)) + 2
+
+
+def merge_properties(
+    properties: dict[str, Any],
+    times: dict[str, int],
+    changes: dict[str, Any],
+    at: int,
+    sized: Sized | None = None,
+) -> bool:
     """Merge ``changes`` set at event time ``at`` into ``properties``, per key, newest time winning.
 
     A ``None`` value removes the key; its time is kept so an older value cannot bring it back.
-    On equal times the later write wins. Returns whether anything changed.
+    On equal times the later write wins. With ``sized``, a key whose new value would take the
+    set past ``MAX_PROPERTIES_BYTES`` is left as it was (counted in ``sized.refused``); removals
+    and changes that shrink it always apply. Returns whether anything changed.
     """
     changed = False
     for key, value in changes.items():
         if at < times.get(key, -(2**63)):
             continue
+        old = properties.get(key, _MISSING)
+        if value is not None and old != value and sized is not None:
+            if sized.bytes < 0:
+                # As JSON writes it: 1 + each entry's bytes (the braces, less the last comma).
+                sized.bytes = len(dumps_json(properties)) if properties else 1
+            grows = _entry_bytes(key, value) - (0 if old is _MISSING else _entry_bytes(key, old))
+            if grows > 0 and sized.bytes + grows > MAX_PROPERTIES_BYTES:
+                sized.refused += 1
+                continue
+            sized.bytes += grows
         if times.get(key) != at:
             times[key] = at
             changed = True
         if value is None:
-            if key in properties:
+            if old is not _MISSING:
                 del properties[key]
                 changed = True
-        elif properties.get(key, _MISSING) != value:
+                if sized is not None and sized.bytes >= 0:
+                    sized.bytes -= _entry_bytes(key, old)
+        elif old != value:
             properties[key] = value
             changed = True
     return changed
@@ -67,6 +110,7 @@ def merge_stamped(
     other_times: dict[str, int],
     *,
     contact: bool = True,
+    sized: Sized | None = None,
 ) -> bool:
     """Merge another stamped property set (each key with its own time) into this one: a contact's
     properties, or with ``contact=False`` a user's traits."""
@@ -74,7 +118,7 @@ def merge_stamped(
     for key, at in other_times.items():
         if contact and key == PHONE_KEY:
             continue  # a contact's phone property is its own phone, never another contact's
-        changed |= merge_properties(properties, times, {key: other.get(key)}, at)
+        changed |= merge_properties(properties, times, {key: other.get(key)}, at, sized)
     return changed
 
 
@@ -97,6 +141,7 @@ class UserState:
     merged_into: uuid.UUID | None = None
     stored: bool = False
     dirty: bool = False
+    sized: Sized = field(default_factory=Sized)
 
 
 @dataclass(slots=True)
@@ -110,6 +155,7 @@ class ContactState:
     phone_time_zone: str = ""
     stored: bool = False
     dirty: bool = False
+    sized: Sized = field(default_factory=Sized)
 
 
 @dataclass
@@ -289,7 +335,7 @@ class _Resolver:
         self.merged.append(gone_key)
         gone.merged_into = into_key
         gone.dirty = into.dirty = True
-        merge_stamped(into.traits, into.trait_times, gone.traits, gone.trait_times, contact=False)
+        merge_stamped(into.traits, into.trait_times, gone.traits, gone.trait_times, contact=False, sized=into.sized)
         into.identified = into.identified or gone.identified
         if gone.contact_id is not None:
             self.contact_users.add((gone.contact_id, into_key))
@@ -313,7 +359,9 @@ class _Resolver:
             # The survivor keeps its contact: the joined user's traits come to it. The survivor's
             # own are there already as far as they belong (a late identify with an older phone
             # kept its traits on that phone's contact).
-            contact.dirty |= merge_stamped(contact.properties, contact.property_times, gone.traits, gone.trait_times)
+            contact.dirty |= merge_stamped(
+                contact.properties, contact.property_times, gone.traits, gone.trait_times, sized=contact.sized
+            )
         else:
             # The survivor takes the joined user's contact, as with a first or newer phone: all of
             # the person's traits come with it.
@@ -409,17 +457,19 @@ class _Resolver:
         traits = ev.traits
         if traits:
             if user is not None:
-                user.dirty |= merge_properties(user.traits, user.trait_times, traits, at)
+                user.dirty |= merge_properties(user.traits, user.trait_times, traits, at, user.sized)
             if contact is not None:
                 if PHONE_KEY in traits:
                     # A contact's phone property is its own number, set above when the event names
                     # it; an empty or null phone trait never reaches it. A copy: the prepared
                     # traits are read again if the batch is retried.
                     traits = {k: v for k, v in traits.items() if k != PHONE_KEY}
-                contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at)
+                contact.dirty |= merge_properties(contact.properties, contact.property_times, traits, at, contact.sized)
 
     def carry_traits(self, user: UserState, contact: ContactState) -> None:
-        contact.dirty |= merge_stamped(contact.properties, contact.property_times, user.traits, user.trait_times)
+        contact.dirty |= merge_stamped(
+            contact.properties, contact.property_times, user.traits, user.trait_times, sized=contact.sized
+        )
 
 
 def resolve(
