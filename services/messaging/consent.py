@@ -54,19 +54,27 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
+# The earliest consent time taken from a trait, as ingest's earliest event time: a consent's
+# outcome event is sent through ingest, which refuses anything older.
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def _as_time(value: Any) -> datetime | None:
-    """A trait's time in UTC, None when it is no time a datetime holds (anyone holding a write key
-    can send any value: one that raised here stopped the consent stream for every workspace)."""
+    """A trait's time in UTC, None when it is no time a datetime holds or is before 2000 (anyone
+    holding a write key can send any value: one that raised here stopped the consent stream for
+    every workspace)."""
     try:
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
-            return datetime.fromtimestamp(seconds, UTC)
-        if isinstance(value, str) and value.strip():
+            at = datetime.fromtimestamp(seconds, UTC)
+        elif isinstance(value, str) and value.strip():
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            at = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        else:
+            return None
     except (ValueError, OverflowError, OSError):  # unparseable, or past the years a datetime holds
         return None
-    return None
+    return at if at >= _EARLIEST else None
 
 
 def consents_from_traits(traits: dict[str, Any], event_time: datetime, ip: str = "") -> list[TraitConsent]:

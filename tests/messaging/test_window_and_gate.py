@@ -78,7 +78,17 @@ def test_consent_traits() -> None:
     [ahead] = consents_from_traits({"sms_opt_in": {"subscribed": True, "timestamp": "2099-01-01T00:00:00Z"}}, at)
     assert ahead.consent_time == at
     # Times no datetime holds are no times: the event's stands (one had stopped the consent stream).
-    for odd in (-1e15, 1e20, 1e300, float("nan"), "0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-05:00"):
+    # Nor are times before 2000: the consent's outcome event would be older than ingest takes.
+    for odd in (
+        -1e15,
+        1e20,
+        1e300,
+        float("nan"),
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:00:00-05:00",
+        0,
+        "1999-12-31",
+    ):
         [c] = consents_from_traits({"sms_opt_in": {"subscribed": True, "timestamp": odd}}, at)
         assert c.consent_time == at, odd
     # Old ones are kept as sent (a backfill), in UTC.
