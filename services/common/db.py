@@ -31,9 +31,9 @@ def dumps_json(value: object) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:
-        # Compact like orjson's, so a value's size reads the same either way (identity bounds
-        # contact properties by it).
-        return json.dumps(value, separators=(",", ":")).encode()
+        # Compact and UTF-8 like orjson's, so a value's size reads the same either way (identity
+        # bounds contact properties by it).
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _jsonb_encode(value: object) -> bytes:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
@@ -55,9 +57,26 @@ class Sized:
         self.refused = 0
 
 
+# A JSON number in exponent form: jsonb stores, and gives back, every number written out in full
+# (1e300 as 301 digits), so its size is counted that way, and a value sizes the same before it is
+# stored and after it is read back (a float past 2^64 comes back as an int).
+_EXPONENT_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?[eE][-+]?[0-9]+")
+
+
+def _json_bytes(value: Any) -> int:
+    """``value``'s size as jsonb writes it out."""
+    text = dumps_json(value)
+    size = len(text)
+    if b"e" in text or b"E" in text:
+        for match in _EXPONENT_NUMBER.finditer(text):
+            number = match.group()
+            size += len(format(Decimal(number.decode()), "f")) - len(number)
+    return size
+
+
 def _entry_bytes(key: str, value: Any) -> int:
     # ``"key":value,`` as JSON writes it.
-    return len(dumps_json(key)) + len(dumps_json(value)) + 2
+    return _json_bytes(key) + _json_bytes(value) + 2
 
 
 def merge_properties(
@@ -71,20 +90,23 @@ def merge_properties(
 
     A ``None`` value removes the key; its time is kept so an older value cannot bring it back.
     On equal times the later write wins. With ``sized``, a key whose new value would take the
-    set past ``MAX_PROPERTIES_BYTES`` is left as it was (counted in ``sized.refused``); removals
-    and changes that shrink it always apply. Returns whether anything changed.
+    set past ``MAX_PROPERTIES_BYTES`` is left as it was (counted in ``sized.refused``); removals,
+    changes that shrink it and the phone always apply. Keys go in sorted order then, so which of
+    them fit never depends on the order a set's keys came in (a batch, or read back one by one).
+    Returns whether anything changed.
     """
     changed = False
-    for key, value in changes.items():
+    for key in sorted(changes) if sized is not None else changes:
+        value = changes[key]
         if at < times.get(key, -(2**63)):
             continue
         old = properties.get(key, _MISSING)
         if value is not None and old != value and sized is not None:
             if sized.bytes < 0:
                 # As JSON writes it: 1 + each entry's bytes (the braces, less the last comma).
-                sized.bytes = len(dumps_json(properties)) if properties else 1
+                sized.bytes = _json_bytes(properties) if properties else 1
             grows = _entry_bytes(key, value) - (0 if old is _MISSING else _entry_bytes(key, old))
-            if grows > 0 and sized.bytes + grows > MAX_PROPERTIES_BYTES:
+            if grows > 0 and key != PHONE_KEY and sized.bytes + grows > MAX_PROPERTIES_BYTES:
                 sized.refused += 1
                 continue
             sized.bytes += grows
@@ -115,7 +137,8 @@ def merge_stamped(
     """Merge another stamped property set (each key with its own time) into this one: a contact's
     properties, or with ``contact=False`` a user's traits."""
     changed = False
-    for key, at in other_times.items():
+    for key in sorted(other_times) if sized is not None else other_times:
+        at = other_times[key]
         if contact and key == PHONE_KEY:
             continue  # a contact's phone property is its own phone, never another contact's
         changed |= merge_properties(properties, times, {key: other.get(key)}, at, sized)
@@ -448,7 +471,9 @@ class _Resolver:
                 elif at > (user.phone_time or 0):
                     user.phone_time = at
                     user.dirty = True
-            contact.dirty |= merge_properties(contact.properties, contact.property_times, {PHONE_KEY: phone}, at)
+            contact.dirty |= merge_properties(
+                contact.properties, contact.property_times, {PHONE_KEY: phone}, at, contact.sized
+            )
         elif user is not None and user.contact_id is not None:
             contact = self.s.contacts[user.contact_id]
         ev.contact_id = contact.id if contact else None

@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from parley.common.v1.event_pb2 import Event, EventType
 from parley.identity.v1 import identity_service_pb2 as ipb
 
+from services.identity import resolve
 from tests.helpers import MakeWorkspace
 from tests.identity.conftest import BASE_TIME, Identity, Tenant, event, identify, page, track
 
@@ -21,7 +22,24 @@ PHONES = ["+14155552671", "+14155550100", "+14155550101"]
 CASES = 40
 
 
-def random_case(rng: random.Random) -> list[dict[str, Any]]:
+def _small_value(rng: random.Random) -> Any:
+    return rng.choice(["x", "y", None])
+
+
+def _sized_value(rng: random.Random) -> Any:
+    """Values of many sizes, some that JSON writes shorter than jsonb keeps them (1e20 is stored
+    as 21 digits and read back as an int) and some not ASCII."""
+    pick = rng.random()
+    if pick < 0.15:
+        return None
+    if pick < 0.3:
+        return rng.choice([1e20, -2.5e-7, 1e300 / 10 ** rng.randint(0, 280), 123456789.0])
+    if pick < 0.4:
+        return "é" * rng.randint(0, 30)
+    return "v" * rng.randint(0, 60)
+
+
+def random_case(rng: random.Random, value: Any = _small_value, keys: int = 2) -> list[dict[str, Any]]:
     """Events as plain specs: kind, time, ids, phone, traits (ids are unique to the case's workspace)."""
     users = [f"u{i}" for i in range(rng.randint(2, 4))]
     devices = [f"a{i}" for i in range(rng.randint(1, len(users) + 1))]
@@ -42,7 +60,8 @@ def random_case(rng: random.Random) -> list[dict[str, Any]]:
         kind = rng.random()
         if kind < 0.5:
             spec["kind"] = "identify"
-            traits = {key: rng.choice(["x", "y", None]) for key in rng.sample(["k0", "k1", "k2"], rng.randint(0, 2))}
+            names = rng.sample(["k0", "k1", "kk2", "k3"], rng.randint(0, keys))
+            traits = {key: value(rng) for key in names}
             if rng.random() < 0.55:
                 spec["phone"] = traits["phone"] = rng.choice(phones)
             spec["traits"] = traits
@@ -120,7 +139,23 @@ async def test_a_batch_means_its_events_one_by_one_in_time_order(
     identity: Identity, make_workspace: MakeWorkspace, seed: int
 ) -> None:
     rng = random.Random(seed)
-    specs = random_case(rng)
+    await _compare(identity, make_workspace, rng, random_case(rng))
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+async def test_near_the_property_bound_too(
+    identity: Identity, make_workspace: MakeWorkspace, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # Which keys fit under the bound (made small here) must not depend on how the events came:
+    # in one batch, or one by one with each set read back from what is stored.
+    rng = random.Random(10_000 + seed)
+    monkeypatch.setattr(resolve, "MAX_PROPERTIES_BYTES", rng.choice([60, 90, 120, 160, 400]))
+    await _compare(identity, make_workspace, rng, random_case(rng, _sized_value, keys=3))
+
+
+async def _compare(
+    identity: Identity, make_workspace: MakeWorkspace, rng: random.Random, specs: list[dict[str, Any]]
+) -> None:
     one_by_one, batched = await identity.tenant(make_workspace), await identity.tenant(make_workspace)
     for spec in sorted(specs, key=lambda s: s["t"]):  # stable: request order on ties
         await identity.record(one_by_one, to_event(spec))

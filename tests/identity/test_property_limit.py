@@ -19,8 +19,8 @@ def test_a_merge_past_the_limit_leaves_the_key_out(monkeypatch: pytest.MonkeyPat
     props: dict[str, object] = {"a": "x" * 10}
     times = {"a": 1}
     sized = Sized()
-    assert merge_properties(props, times, {"b": "y" * 20}, 2, sized)  # 37 bytes: fits
-    assert not merge_properties(props, times, {"c": "z" * 30}, 3, sized)  # would be 73
+    assert merge_properties(props, times, {"b": "y" * 20}, 2, sized)  # 45 bytes as JSON: fits
+    assert not merge_properties(props, times, {"c": "z" * 30}, 3, sized)  # would be 82
     assert "c" not in props and "c" not in times and sized.refused == 1
     # A later, smaller value of a refused key still comes in; shrinking and removing always do.
     assert merge_properties(props, times, {"c": 1, "b": "y"}, 4, sized)
@@ -33,8 +33,11 @@ def test_a_merge_past_the_limit_leaves_the_key_out(monkeypatch: pytest.MonkeyPat
     other, other_times = {"d": "w" * 80, "e": 2}, {"d": 7, "e": 7}
     assert merge_stamped(props, times, other, other_times, sized=sized)
     assert "d" not in props and props["e"] == 2 and sized.bytes == len(dumps_json(props))
-    # Without a size (the phone, which a contact always takes), no limit applies.
-    assert merge_properties(props, times, {"f": "v" * 100}, 8)
+    # The phone always comes in; numbers count as jsonb writes them out (1e30: 31 digits).
+    assert merge_properties(props, times, {"phone": "+1415555" + "0" * 60}, 8, sized)
+    assert not merge_properties(props, times, {"e": 1e30}, 9, sized)
+    # Without a size, no limit applies.
+    assert merge_properties(props, times, {"f": "v" * 100}, 10)
 
 
 async def test_identifies_past_the_limit_store_their_events_but_not_their_keys(
