@@ -79,6 +79,23 @@ def _entry_bytes(key: str, value: Any) -> int:
     return _json_bytes(key) + _json_bytes(value) + 2
 
 
+# What a removed key's kept time costs: ``"key":<epoch µs>,`` in the set's times.
+_TIME_BYTES = 19
+
+
+def _removed_bytes(key: str) -> int:
+    return _json_bytes(key) + _TIME_BYTES
+
+
+def _set_bytes(properties: dict[str, Any], times: dict[str, int]) -> int:
+    """A set's size: its properties as JSON, and the kept times of the keys it removed."""
+    size = _json_bytes(properties) if properties else 1  # 1 + each entry (braces, less a comma)
+    for key in times:
+        if key not in properties:
+            size += _removed_bytes(key)
+    return size
+
+
 def merge_properties(
     properties: dict[str, Any],
     times: dict[str, int],
@@ -89,11 +106,12 @@ def merge_properties(
     """Merge ``changes`` set at event time ``at`` into ``properties``, per key, newest time winning.
 
     A ``None`` value removes the key; its time is kept so an older value cannot bring it back.
-    On equal times the later write wins. With ``sized``, a key whose new value would take the
-    set past ``MAX_PROPERTIES_BYTES`` is left as it was (counted in ``sized.refused``); removals,
-    changes that shrink it and the phone always apply. Keys go in sorted order then, so which of
-    them fit never depends on the order a set's keys came in (a batch, or read back one by one).
-    Returns whether anything changed.
+    On equal times the later write wins. With ``sized``, a change that would take the set (its
+    properties and the kept times of removed keys, ``_set_bytes``) past ``MAX_PROPERTIES_BYTES``
+    is left out, counted in ``sized.refused``: a new or larger value, or the removal of a key the
+    set does not hold (which only keeps a time). Removing a held key, shrinking one and the
+    phone always apply. Keys go in sorted order then, so which of them fit never depends on the
+    order a set's keys came in (a batch, or read back one by one). Returns whether anything changed.
     """
     changed = False
     for key in sorted(changes) if sized is not None else changes:
@@ -101,15 +119,25 @@ def merge_properties(
         if at < times.get(key, -(2**63)):
             continue
         old = properties.get(key, _MISSING)
-        if value is not None and old != value and sized is not None:
-            if sized.bytes < 0:
-                # As JSON writes it: 1 + each entry's bytes (the braces, less the last comma).
-                sized.bytes = _json_bytes(properties) if properties else 1
-            grows = _entry_bytes(key, value) - (0 if old is _MISSING else _entry_bytes(key, old))
-            if grows > 0 and key != PHONE_KEY and sized.bytes + grows > MAX_PROPERTIES_BYTES:
-                sized.refused += 1
-                continue
-            sized.bytes += grows
+        if sized is not None:
+            held = old is not _MISSING
+            if value is None:
+                grows = (
+                    _removed_bytes(key) - _entry_bytes(key, old) if held else 0 if key in times else _removed_bytes(key)
+                )
+            elif old != value:
+                before = _entry_bytes(key, old) if held else _removed_bytes(key) if key in times else 0
+                grows = _entry_bytes(key, value) - before
+            else:
+                grows = 0
+            if grows:
+                if sized.bytes < 0:
+                    sized.bytes = _set_bytes(properties, times)
+                bounded = key != PHONE_KEY and not (value is None and held)
+                if grows > 0 and bounded and sized.bytes + grows > MAX_PROPERTIES_BYTES:
+                    sized.refused += 1
+                    continue
+                sized.bytes += grows
         if times.get(key) != at:
             times[key] = at
             changed = True
@@ -117,8 +145,6 @@ def merge_properties(
             if old is not _MISSING:
                 del properties[key]
                 changed = True
-                if sized is not None and sized.bytes >= 0:
-                    sized.bytes -= _entry_bytes(key, old)
         elif old != value:
             properties[key] = value
             changed = True
