@@ -46,6 +46,8 @@ def event_time_us(event: Event) -> int:
 # the contacts of the events they follow, would stop on it for every workspace.
 MAX_PROPERTIES_BYTES = 256 * 1024
 
+_MISSING = object()
+
 
 class Sized:
     """A property set's JSON size, worked out when first needed, and the keys refused for it."""
@@ -87,6 +89,13 @@ def _removed_bytes(key: str) -> int:
     return _json_bytes(key) + _TIME_BYTES
 
 
+def _footprint(key: str, value: Any, timed: bool) -> int:
+    """A key's bytes in a set: its entry while it holds a value, else its kept time, if any."""
+    if value is not _MISSING:
+        return _entry_bytes(key, value)
+    return _removed_bytes(key) if timed else 0
+
+
 def _set_bytes(properties: dict[str, Any], times: dict[str, int]) -> int:
     """A set's size: its properties as JSON, and the kept times of the keys it removed."""
     size = _json_bytes(properties) if properties else 1  # 1 + each entry (braces, less a comma)
@@ -119,21 +128,14 @@ def merge_properties(
         if at < times.get(key, -(2**63)):
             continue
         old = properties.get(key, _MISSING)
-        if sized is not None:
-            held = old is not _MISSING
-            if value is None:
-                grows = (
-                    _removed_bytes(key) - _entry_bytes(key, old) if held else 0 if key in times else _removed_bytes(key)
-                )
-            elif old != value:
-                before = _entry_bytes(key, old) if held else _removed_bytes(key) if key in times else 0
-                grows = _entry_bytes(key, value) - before
-            else:
-                grows = 0
+        if sized is not None and (value is None or old != value):
+            # After the merge the key holds ``value``, or only its kept time.
+            after = _MISSING if value is None else value
+            grows = _footprint(key, after, True) - _footprint(key, old, key in times)
             if grows:
                 if sized.bytes < 0:
                     sized.bytes = _set_bytes(properties, times)
-                bounded = key != PHONE_KEY and not (value is None and held)
+                bounded = key != PHONE_KEY and not (value is None and old is not _MISSING)
                 if grows > 0 and bounded and sized.bytes + grows > MAX_PROPERTIES_BYTES:
                     sized.refused += 1
                     continue
@@ -170,8 +172,6 @@ def merge_stamped(
         changed |= merge_properties(properties, times, {key: other.get(key)}, at, sized)
     return changed
 
-
-_MISSING = object()
 
 _TIME = attrgetter("time_us")
 
